@@ -21,6 +21,8 @@ import time
 import torch
 import torch.nn.functional as F
 
+from common import pick_device
+
 try:
     import triton
     import triton.language as tl
@@ -28,7 +30,7 @@ except ImportError:  # Triton is optional: the CPU paths need only PyTorch
     triton = None
 
 HEAD_SIZES = (16, 32, 64, 128)
-CHUNK = 32  # chunk length of the CPU path
+CHUNK = 32  # chunk length of the chunked path (the longest; chosen once per call, see _pick_chunk)
 # Largest log-decay spread (-sum of log decays) allowed within one chunk: factors reach exp(MAX_SPREAD / 2).
 # RWKV-7's own decays (>= 0.545 per step) give at most 19.4 over 32 steps; stronger ones shorten the chunk.
 MAX_SPREAD = 120.0
@@ -72,9 +74,9 @@ def wkv7_reference(r, w, k, v, a, b, initial_state=None):
 # The pairwise decays are factored around the chunk's log-midpoint m = lg_C / 2:
 #     exp(lg_t - lg_j) = exp(lg_t - m) * exp(m - lg_j),
 # each factor at most exp(spread / 2) where spread = -lg_C; chunks are kept short enough for spread <= MAX_SPREAD.
-# With W = (I - Lab)^-1 A_dec and Uv = (I - Lab)^-1 Lak V the chunk maps S0 affinely,
-#     S_C = S0 Abar + Ubar,  Abar = D(lg_C) + W^T B_tail,  Ubar = Uv^T B_tail + V^T K_tail,
-# so only that one matmul per chunk is sequential; all the rest runs for every chunk at once.
+# With W = (I - Lab)^-1 A_dec and Uv = (I - Lab)^-1 Lak V, U = W S0^T + Uv: everything but the two products
+# with S0 (U, then S_C) runs for every chunk at once, and only those two are sequential, one chunk at a time.
+# The backward walks the chunks in reverse with S_C = S0 Abar + (terms without S0), Abar = D(lg_C) + W^T B_tail.
 # Chunk rows are stored in pairs, RA = [r; a] and BK = [b; k] (2C rows each), so one matmul gives all four
 # intra-chunk matrices: G = RA_q BK_q^T = [[Mrb, Mrk], [Lab, Lak]] (strictly lower parts).
 
@@ -86,8 +88,11 @@ def _log_decay(w):
 
 
 def _pick_chunk(g, chunk):
-    """Longest chunk length <= chunk (halving) whose log-decay spread stays under MAX_SPREAD in every chunk."""
+    """Longest chunk length <= chunk (halving) whose log-decay spread stays under MAX_SPREAD in every chunk.
+    One length serves the whole call, so a single very strong decay anywhere shortens every chunk."""
     B, T, H, N = g.shape
+    if -g.min() * chunk <= MAX_SPREAD:  # RWKV-7's own decays always land here
+        return chunk
     while chunk > 1:
         nc = -(-T // chunk)
         spread = -F.pad(g, (0, 0, 0, 0, 0, nc * chunk - T)).view(B, nc, chunk, H, N).sum(2)
@@ -112,7 +117,7 @@ def _to_chunks(xs, C, dtype):
 def _from_chunks(x, T, dtype):
     """(NC, B, H, C, N) -> (B, T, H, N) in `dtype`."""
     nc, B, H, C, N = x.shape
-    return x.permute(1, 0, 3, 2, 4).reshape(B, nc * C, H, N)[:, :T].to(dtype)
+    return x.permute(1, 0, 3, 2, 4).reshape(B, nc * C, H, N)[:, :T].to(dtype).contiguous()
 
 
 def _chunked_fwd(ra, g, bk, v, s0):
@@ -121,7 +126,8 @@ def _chunked_fwd(ra, g, bk, v, s0):
     C = g.shape[-2]
     lg = g.cumsum(-2)                                            # (.., C, N) log decay through step t
     mid = 0.5 * lg[..., -1:, :]                                  # (.., 1, N) log-midpoint of the chunk
-    e_ra = torch.exp(torch.cat([lg, F.pad(lg[..., :-1, :], (0, 0, 1, 0))], -2) - mid)  # (.., 2C, N) rows t, t-1
+    e_q = torch.exp(lg - mid)                                    # (.., C, N)
+    e_ra = torch.cat([e_q, torch.exp(-mid), e_q[..., :-1, :]], -2)  # (.., 2C, N) exp(lg_t - m), exp(lg_{t-1} - m)
     e_k = torch.exp(mid - lg)                                    # (.., C, N)
     e_mid = torch.exp(mid)
     RA = ra * e_ra                                               # [r exp(lg_t - m); a exp(lg_{t-1} - m)]
@@ -147,7 +153,7 @@ def _chunked_fwd(ra, g, bk, v, s0):
     st, UVf, Wf, tf = (x.flatten(1, 2) for x in (states, UV, W, tails))  # (NC, B*H, ..) views
     decay_f = decay.flatten(1, 2)[..., None, :]                  # (NC, B*H, 1, K)
     for c in range(nc):  # the sequential part, one chunk at a time
-        UVf[c, :, :C] = torch.baddbmm(UVf[c, :, :C], Wf[c], st[c].transpose(1, 2))         # U = W S0^T + Uv
+        UVf[c, :, :C].baddbmm_(Wf[c], st[c].transpose(1, 2))                               # U = W S0^T + Uv
         torch.baddbmm(st[c] * decay_f[c], UVf[c].transpose(1, 2), tf[c], out=st[c + 1])  # S0 D + [U; V]^T tails
     sT, states = states[-1].clone(), states[:-1]
     y = dec[..., :C, :] @ states.transpose(-1, -2) + M @ UV     # (.., C, V)
@@ -203,23 +209,24 @@ class _WKV7Chunked(torch.autograd.Function):
         g = _log_decay(w.to(dt))
         C = _pick_chunk(g, CHUNK)
         ra, bk, gc, vc = (_to_chunks(xs, C, dt) for xs in ([r, a], [b, k], [g], [v]))
+        ctx.T, ctx.io_dtype, ctx.s0_dtype = T, r.dtype, dt if s0 is None else s0.dtype
         s0 = r.new_zeros(B, H, N, N, dtype=dt) if s0 is None else s0.to(dt)
-        y, sT, ctx.saved = _chunked_fwd(ra, gc, bk, vc, s0)
-        ctx.save_for_backward(w)
-        ctx.g, ctx.T, ctx.io_dtype, ctx.s0_dtype = gc, T, r.dtype, s0.dtype
+        y, sT, saved = _chunked_fwd(ra, gc, bk, vc, s0)
+        ctx.names = list(saved)
+        ctx.save_for_backward(gc, *saved.values())  # freed after backward; a second backward is refused
         return _from_chunks(y, T, r.dtype), sT
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, dy, dsT):
-        (w,), g, p, T = ctx.saved_tensors, ctx.g, ctx.saved, ctx.T
-        C = g.shape[-2]
+        g, *saved = ctx.saved_tensors
+        p, T, C = dict(zip(ctx.names, saved)), ctx.T, g.shape[-2]
         dy = _to_chunks([dy], C, g.dtype)
         d_ra, dg, d_bk, dv, ds0 = _chunked_bwd(dy, dsT.to(g.dtype), **p)
-        dw = _from_chunks(dg * g, T, torch.float64) * (w.double().exp() < MAX_SPREAD)  # g = -exp(w), floored
+        dw = _from_chunks(dg * g * (g > -MAX_SPREAD), T, ctx.io_dtype)  # g = -exp(w), floored at -MAX_SPREAD
         dr, da, db, dk = (_from_chunks(x[..., i * C:(i + 1) * C, :], T, ctx.io_dtype) for x, i in
                           ((d_ra, 0), (d_ra, 1), (d_bk, 0), (d_bk, 1)))
-        grads = (dr, dw.to(ctx.io_dtype), dk, _from_chunks(dv, T, ctx.io_dtype), da, db)
+        grads = (dr, dw, dk, _from_chunks(dv, T, ctx.io_dtype), da, db)
         return (*grads, ds0.to(ctx.s0_dtype) if ctx.needs_input_grad[6] else None)
 
 
@@ -279,7 +286,7 @@ if triton is not None:
                 b_t = tl.load(b_ptr + base + offs_j).to(tl.float32)  # (N,)
                 v_t = tl.load(v_ptr + base + offs_i).to(tl.float32)  # (BV,)
 
-                d_t = tl.exp(-tl.exp(w_t))  # (N,)
+                d_t = tl.exp(-tl.exp(tl.minimum(w_t, 30.0)))  # (N,)
                 sa = tl.sum(S * a_t[None, :], axis=1)  # (BV,)
                 S = S * d_t[None, :] + sa[:, None] * b_t[None, :] + v_t[:, None] * k_t[None, :]  # (BV, N)
                 y_t = tl.sum(S * r_t[None, :], axis=1)  # (BV,)
@@ -335,7 +342,7 @@ if triton is not None:
                 a_t = tl.load(a_ptr + base + offs_j).to(tl.float32)  # (N,)
                 b_t = tl.load(b_ptr + base + offs_j).to(tl.float32)  # (N,)
                 v_t = tl.load(v_ptr + base + offs_i).to(tl.float32)  # (BV,)
-                d_t = tl.exp(-tl.exp(w_t))  # (N,)
+                d_t = tl.exp(-tl.exp(tl.minimum(w_t, 30.0)))  # (N,)
                 sa = tl.sum(S * a_t[None, :], axis=1)  # (BV,)
                 S = S * d_t[None, :] + sa[:, None] * b_t[None, :] + v_t[:, None] * k_t[None, :]  # (BV, N)
             # scratch writes must be visible to all threads of the program before they are read
@@ -353,7 +360,7 @@ if triton is not None:
                 v_t = tl.load(v_ptr + base + offs_i).to(tl.float32)  # (BV,)
                 dy_t = tl.load(dy_ptr + base + offs_i).to(tl.float32)  # (BV,)
 
-                ew = tl.exp(w_t)  # (N,)
+                ew = tl.exp(tl.minimum(w_t, 30.0))  # (N,) d/dw of the decay is 0 in fp32 long before w=30
                 d_t = tl.exp(-ew)  # (N,)
                 sa = tl.sum(S_prev * a_t[None, :], axis=1)  # (BV,)
                 S_t = S_prev * d_t[None, :] + sa[:, None] * b_t[None, :] + v_t[:, None] * k_t[None, :]  # (BV, N)
@@ -386,7 +393,7 @@ if triton is not None:
         """Resolve the V-block size and warp count; defaults aimed at H100."""
         if bv is None:
             bv = min(N, 32)
-        if N % bv != 0 or bv & (bv - 1):
+        if bv < 1 or N % bv != 0 or bv & (bv - 1):
             raise ValueError(f"bv={bv} must be a power of two dividing N={N}")
         if num_warps is None:
             # ~8 state elements per thread: the backward keeps ~4 (BV, N) fp32 tiles live
@@ -397,7 +404,7 @@ if triton is not None:
 
     def _triton_fwd(r, w, k, v, a, b, s0=None, chunk=16, bv=None, num_warps=None):
         """Forward. Returns y (B, T, H, N) in the input dtype, the final state sT (B, H, N, N) fp32,
-        and the checkpoints states (B, H, ceil(T / chunk), N, N) fp32 needed by wkv7_triton_bwd."""
+        and the checkpoints states (B, H, ceil(T / chunk), N, N) fp32 needed by _triton_bwd."""
         r, w, k, v, a, b = (x.contiguous() for x in (r, w, k, v, a, b))
         B, T, H, N = r.shape
         bv, num_warps = _launch_params(N, bv, num_warps)
@@ -474,6 +481,8 @@ def wkv7_triton(r, w, k, v, a, b, initial_state=None, chunk=16, bv=None, num_war
     if triton is None:
         raise RuntimeError("wkv7_triton: Triton is not installed")
     _check_inputs(r, w, k, v, a, b, initial_state)
+    if chunk < 1:
+        raise ValueError(f"wkv7_triton: chunk must be >= 1, got {chunk}")
     if r.dtype == torch.float64:
         raise TypeError("wkv7_triton: float64 is not supported; use wkv7_chunked or wkv7_reference")
     return _WKV7Triton.apply(r, w, k, v, a, b, initial_state, chunk, bv, num_warps)
@@ -495,8 +504,8 @@ def _check_inputs(r, w, k, v, a, b, initial_state):
     B, T, H, N = r.shape
     if N not in HEAD_SIZES:
         raise ValueError(f"wkv7: head size N={N} is not supported; use one of {HEAD_SIZES}")
-    if T == 0:
-        raise ValueError("wkv7: the sequence is empty (T=0)")
+    if B * T * H == 0:
+        raise ValueError(f"wkv7: empty input (B, T, H, N) = {(B, T, H, N)}")
     dtypes = {x.dtype for x in xs.values()}
     if len(dtypes) != 1 or r.dtype not in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
         raise TypeError("wkv7: r, w, k, v, a, b must share one floating dtype (fp16, bf16, fp32 or fp64); got "
@@ -522,7 +531,7 @@ def wkv7(r, w, k, v, a, b, initial_state=None, output_final_state=False):
     the inputs' dtype; final_state (B, H, N, N) in float32 (float64 for float64 inputs), None unless
     output_final_state. Uses the Triton kernels on CUDA when Triton is installed, the chunked form elsewhere.
     """
-    if r.is_cuda and triton is not None and r.dtype != torch.float64:
+    if isinstance(r, torch.Tensor) and r.is_cuda and triton is not None and r.dtype != torch.float64:
         y, state = wkv7_triton(r, w, k, v, a, b, initial_state)
     else:
         y, state = wkv7_chunked(r, w, k, v, a, b, initial_state)
@@ -628,17 +637,20 @@ def main():
     if not args.bench:
         parser.print_help()
         return
-    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
-                          "cpu" if args.device == "auto" else args.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        parser.error("--device cuda: CUDA is not available on this machine")
+    try:
+        device = pick_device(args.device)
+    except ValueError as exc:
+        parser.error(f"--device: {exc}")
+    if args.repeat < 1:
+        parser.error(f"--repeat must be >= 1, got {args.repeat}")
     dtype = getattr(torch, args.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
     default = "1,1024,4,64;4,1024,8,64" if device.type == "cpu" else "1,1024,4,64;8,1024,16,64;8,4096,16,64"
     try:
         shapes = [tuple(int(n) for n in s.split(",")) for s in (args.shapes or default).split(";") if s.strip()]
-        assert all(len(s) == 4 for s in shapes)
+        assert shapes and all(len(s) == 4 and min(s) >= 1 and s[3] in HEAD_SIZES for s in shapes)
     except (ValueError, AssertionError):
-        parser.error(f"--shapes: expected B,T,H,N[;B,T,H,N...], got {args.shapes!r}")
+        parser.error(f"--shapes: expected B,T,H,N[;B,T,H,N...] with positive sizes and N in {HEAD_SIZES}, "
+                     f"got {args.shapes!r}")
     bench(shapes, dtype, device, args.repeat)
 
 

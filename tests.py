@@ -347,8 +347,20 @@ def test_wkv7_errors_are_clear():
         K.wkv7(xs[0].to("meta"), *xs[1:])
     with pytest.raises(ValueError, match=r"initial_state must have shape \(B, H, N, N\)"):
         K.wkv7(*xs, initial_state=torch.zeros(1, 2, 16, 8))
-    with pytest.raises(ValueError, match="T=0"):
+    with pytest.raises(ValueError, match="empty input"):
         K.wkv7(*[x[:, :0] for x in xs])
+
+
+@pytest.mark.parametrize("T", [16, 37])
+def test_chunked_outputs_contiguous_and_graph_freed(T):
+    """Model code views y as (B, T, H*N); a second backward through a freed graph must be refused, not doubled."""
+    xs = [x.requires_grad_() for x in K.rwkv7_inputs(2, T, 2, 16)]
+    y, sT = K.wkv7(*xs, output_final_state=True)
+    assert y.is_contiguous() and y.view(2, T, 32).shape == (2, T, 32)
+    (y.sum() + sT.sum()).backward()
+    assert all(x.grad.is_contiguous() for x in xs)
+    with pytest.raises(RuntimeError, match="second time"):
+        (y.sum() + sT.sum()).backward()
 
 
 triton_only = pytest.mark.skipif(K.triton is None, reason="triton is not installed")
@@ -376,6 +388,11 @@ def test_triton_interpreted_strong_decays_and_bf16():
     y, sT, g = _grads(lambda *a: K.wkv7_triton(*a, chunk=4), xs, s0, dy, dsT)
     assert all(torch.isfinite(t).all() for t in (y, sT, *g))
     assert _rel(y, y_ref) < 1e-5 and all(_rel(gi, gr) < 2e-5 for gi, gr in zip(g, g_ref))
+    xs_huge = [x.clone() for x in xs]
+    xs_huge[1][0, 3, 0, ::2] = 100.0  # exp(w) overflows float32: the decay is 0 and so is its gradient
+    y_h, s_h, g_h = _grads(lambda *a: K.wkv7_triton(*a, chunk=4), xs_huge, s0, dy, dsT)
+    _, _, g_c = _grads(K.wkv7_chunked, xs_huge, s0, dy, dsT)
+    assert torch.isfinite(g_h[1]).all() and _rel(g_h[1], g_c[1]) < 2e-5
     y16, s16, g16 = _grads(lambda *a: K.wkv7_triton(*a, chunk=4), [x.bfloat16() for x in xs], s0, dy, dsT)
     assert y16.dtype == torch.bfloat16 and s16.dtype == torch.float32
     assert _rel(y16, y_ref) < 3e-2 and all(_rel(gi, gr) < 5e-2 for gi, gr in zip(g16, g_ref))
