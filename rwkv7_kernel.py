@@ -631,7 +631,7 @@ def main():
                              "8,4096,16,64 and smaller on CUDA)")
     parser.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
                         help="input dtype (default: float32 on CPU, bfloat16 on CUDA)")
-    parser.add_argument("--device", default="auto", help="auto (cuda if available), cpu or cuda")
+    parser.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda or cuda:N")
     parser.add_argument("--repeat", type=int, default=5, help="timed runs per measurement; the best is kept")
     args = parser.parse_args()
     if not args.bench:
