@@ -1,6 +1,6 @@
 """
 Shared plumbing for the single-file systems in this repo (camoe.py, alphagpt.py, ...):
-device/dtype selection, seeding, crash-safe file writes, checkpoint loading,
+device/dtype selection, seeding, benchmark timing, crash-safe file writes, checkpoint loading,
 the learning-rate schedule, token sampling, JSONL metrics and DDP setup.
 """
 
@@ -67,7 +67,27 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 # -----------------------------------------------------------------------------
+# benchmark timing
+
+def time_calls(fn: Callable[[], object], device: torch.device, repeat: int, warmup: int = 1) -> list[float]:
+    """Wall seconds of each of `repeat` calls of fn, after `warmup` untimed calls; CUDA work is waited for."""
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    for _ in range(warmup):
+        fn()
+    sync()
+    seconds = []
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        fn()
+        sync()
+        seconds.append(time.perf_counter() - t0)
+    return seconds
+
+# -----------------------------------------------------------------------------
 # crash-safe file writes
+
+_UMASK = os.umask(0o022)
+os.umask(_UMASK)                                        # read once: the umask can only be read by setting it
 
 def _atomic_write(path: PathLike, write_fn: Callable[[BinaryIO], None]) -> None:
     """Write via write_fn to a temp file next to path, fsync it, then rename it over path."""
@@ -79,6 +99,7 @@ def _atomic_write(path: PathLike, write_fn: Callable[[BinaryIO], None]) -> None:
             write_fn(f)
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_UMASK)              # mkstemp makes 0600; give the mode a plain open() would
         os.replace(tmp, path)
     except BaseException:
         os.unlink(tmp)

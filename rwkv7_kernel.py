@@ -15,13 +15,11 @@ Public entry point: `wkv7(r, w, k, v, a, b, initial_state=None, output_final_sta
 `python rwkv7_kernel.py --bench` times every available path against the reference on this machine.
 """
 import argparse
-import math
-import time
 
 import torch
 import torch.nn.functional as F
 
-from common import pick_device
+from common import pick_device, time_calls
 
 try:
     import triton
@@ -499,7 +497,7 @@ def _check_inputs(r, w, k, v, a, b, initial_state):
             raise TypeError(f"wkv7: {name} must be a tensor, got {type(x).__name__}")
     shapes = {tuple(x.shape) for x in xs.values()}
     if len(shapes) != 1 or r.dim() != 4:
-        raise ValueError(f"wkv7: r, w, k, v, a, b must share one shape (B, T, H, N); got "
+        raise ValueError("wkv7: r, w, k, v, a, b must share one shape (B, T, H, N); got "
                          + ", ".join(f"{n}{tuple(x.shape)}" for n, x in xs.items()))
     B, T, H, N = r.shape
     if N not in HEAD_SIZES:
@@ -567,20 +565,6 @@ def _fla_paths():
     return {"fla_chunk": wrap(chunk_rwkv7), "fla_fused_recurrent": wrap(fused_recurrent_rwkv7)}
 
 
-def _time(fn, device, repeat):
-    """Best wall time of `repeat` runs after one warm-up, in seconds."""
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    fn()
-    sync()
-    best = math.inf
-    for _ in range(repeat):
-        t0 = time.perf_counter()
-        fn()
-        sync()
-        best = min(best, time.perf_counter() - t0)
-    return best
-
-
 def bench(shapes, dtype, device, repeat=5):
     """Time fwd and fwd+bwd of every path available here; print ratios against the reference (and fla) and the
     largest errors against a float64 ground truth (y and final state; gradients relative to their largest entry)."""
@@ -609,8 +593,8 @@ def bench(shapes, dtype, device, repeat=5):
             run = lambda: fn(*xs, s0)
             step = lambda: torch.autograd.grad(run(), [*xs, s0], [dy, torch.ones(B, H, N, N, device=device)])
             with torch.no_grad():
-                t_f = _time(run, device, repeat)
-            t_fb = _time(step, device, repeat)
+                t_f = min(time_calls(run, device, repeat))
+            t_fb = min(time_calls(step, device, repeat))
             times[name] = (t_f, t_fb)
             y, sT = run()
             grads = step()

@@ -4,25 +4,43 @@ import os
 os.environ.setdefault("TRITON_INTERPRET", "1")  # Triton kernels run on CPU tensors in the tests; set before import
 
 import dataclasses
+import io
 import json
+import math
 import random
 import re
+import signal
 import subprocess
 import sys
+import time
+import tracemalloc
+import uuid
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
+import alphagpt as ag
+import camoe
 import common
 import rwkv7_kernel as K
+import tiny_llm_demo as tiny
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
 # ======================================================================================
 # common.py
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny models run faster on one thread, and it keeps a busy machine responsive."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 def _auto_device() -> torch.device:
@@ -71,6 +89,12 @@ def test_seed_everything_reproducible():
     assert not torch.equal(a[0], c[0]) and not np.array_equal(a[1], c[1]) and a[2] != c[2]
 
 
+def test_time_calls_runs_warmup_untimed_then_times_each_repeat():
+    calls = []
+    seconds = common.time_calls(lambda: calls.append(time.sleep(0.01)), torch.device("cpu"), repeat=3, warmup=2)
+    assert len(calls) == 5 and len(seconds) == 3 and all(0.01 <= s < 1.0 for s in seconds)
+
+
 # atomic_save / atomic_write_bytes
 
 class _Unpicklable:
@@ -104,6 +128,13 @@ def test_atomic_write_bytes_roundtrip(tmp_path):
     common.atomic_write_bytes(data, path)
     assert path.read_bytes() == data
     assert os.listdir(tmp_path) == ["vocab.json"]
+
+
+def test_atomic_writes_get_the_mode_a_plain_open_gives(tmp_path):
+    plain = tmp_path / "plain"
+    plain.write_bytes(b"x")
+    common.atomic_write_bytes(b"x", tmp_path / "atomic")      # mkstemp alone would leave 0600
+    assert os.stat(tmp_path / "atomic").st_mode & 0o777 == os.stat(plain).st_mode & 0o777
 
 
 # load_checkpoint
@@ -406,3 +437,1142 @@ def test_bench_runs_and_rejects_bad_shapes():
     assert len(rows) == 2 and float(rows[1][-2]) < 1e-4  # chunked y error against the float64 truth
     bad = subprocess.run(cmd + ["--shapes", "1,40,1"], capture_output=True, text=True, timeout=60)
     assert bad.returncode == 2 and "--shapes" in bad.stderr.strip().splitlines()[-1]
+
+
+# ======================================================================================
+# camoe.py
+
+
+def _camoe_cfg(**overrides) -> "camoe.CaMoEConfig":
+    """A CPU-sized CaMoE: 2 layers x 32, byte vocabulary, 3 RWKV + 1 transformer experts."""
+    fields = dict(camoe.SIZES["tiny"], vocab_size=256, n_embd=32, head_size=16, trans_heads=2, ctx_len=32)
+    fields.update(overrides)
+    return camoe.CaMoEConfig(**fields)
+
+
+def _bigram_batch(gen, B=4, T=32, V=256):
+    """Token sequences from a fixed random bigram table (a learnable signal)."""
+    table = torch.randint(0, V, (V,), generator=torch.Generator().manual_seed(7))
+    x = torch.empty(B, T + 1, dtype=torch.long)
+    x[:, 0] = torch.randint(0, V, (B,), generator=gen)
+    for t in range(T):
+        x[:, t + 1] = table[x[:, t]]
+    noise = torch.rand(B, T + 1, generator=gen) < 0.1
+    x[noise] = torch.randint(0, V, (int(noise.sum()),), generator=gen)
+    return x[:, :-1], x[:, 1:]
+
+
+def test_camoe_router_price_is_third_highest_bid_and_weights_learn():
+    cfg = _camoe_cfg(num_rwkv_experts=4, num_trans_experts=2)
+    router = camoe.SparseRouter(cfg).train()
+    gen = torch.Generator().manual_seed(0)
+    h = torch.randn(64, 32, generator=gen)
+    winners, weights, price, bids = router(h, torch.randn(6, generator=gen) * 0.3, torch.rand(64, generator=gen),
+                                           torch.randn(64, 6, generator=gen))
+    ranked = bids.sort(dim=-1, descending=True)
+    assert torch.equal(price, ranked.values[:, 2])  # Vickrey-style: the third-highest bid
+    assert torch.equal(winners.sort(-1).values, ranked.indices[:, :2].sort(-1).values)
+    assert torch.allclose(weights.sum(-1), torch.ones(64))
+    (weights[:, 0] * torch.randn(64, generator=gen)).sum().backward()
+    assert router.confidence.weight.grad.abs().sum() > 0  # the weights are differentiable in the router
+
+
+def test_camoe_capital_conserved_ledger_balances_floor_and_ceiling_hold():
+    cfg = _camoe_cfg()
+    manager = camoe.CapitalManager(cfg)
+    E, total = cfg.num_experts, cfg.total_capital
+    mean = total / E
+    gen = torch.Generator().manual_seed(0)
+    for step in range(1500):
+        owed = torch.rand(E, generator=gen, dtype=torch.float64) * 40
+        value = torch.randn(E, generator=gen, dtype=torch.float64)
+        if step < 700:
+            value[0] = 10.0  # one expert adds all the value for a long time: it must not own the market
+        elif step % 50 == 0:
+            value = -value.abs()  # nobody adds value: payments are refunded
+        before = manager.capital.clone()
+        ledger = manager.settle(owed, value)
+        assert torch.allclose(ledger["change"], ledger["revenue"] - ledger["payment"] - ledger["tax"] + ledger["topup"],
+                              atol=1e-9)
+        assert torch.allclose(manager.capital - before, ledger["change"], atol=1e-9)
+        assert abs(float(manager.capital.sum()) - total) < 1e-6 * total  # money is neither created nor destroyed
+        assert torch.isfinite(manager.capital).all()
+        assert (manager.capital >= cfg.floor_share * mean - 1e-9).all()
+        assert (manager.capital <= cfg.capital_cap * mean + 1e-9).all()
+        if step == 699:
+            assert manager.capital[0] > cfg.tax_threshold * mean  # the value-adder got rich, within the ceiling
+            assert (manager.capital[1:] < mean).all()
+
+
+def test_camoe_combine_measures_each_experts_value_added():
+    gen = torch.Generator().manual_seed(0)
+    weights = torch.rand(6, generator=gen, dtype=torch.float64).requires_grad_()
+    outputs = (torch.randn(6, 5, generator=gen, dtype=torch.float64) * 1e-3).requires_grad_()
+    token = torch.tensor([0, 0, 1, 2, 2, 3])
+    target = torch.randn(4, 5, generator=gen, dtype=torch.float64)
+    base = torch.randn(4, 5, generator=gen, dtype=torch.float64)
+    loss_of = lambda out: ((base + out - target) ** 2).sum()
+    sink = torch.zeros(6, dtype=torch.float64)
+    loss_of(camoe._CombineExperts.apply(weights, outputs, token, 4, sink)).backward()
+    w2, o2 = weights.detach().clone().requires_grad_(), outputs.detach().clone().requires_grad_()
+    loss_of(torch.zeros(4, 5, dtype=torch.float64).index_add(0, token, o2 * w2[:, None])).backward()
+    assert torch.allclose(weights.grad, w2.grad) and torch.allclose(outputs.grad, o2.grad)
+    for i in range(6):  # value_i = loss without assignment i - loss with it, to first order
+        keep = torch.ones(6, dtype=torch.float64)
+        keep[i] = 0
+        with torch.no_grad():
+            out = torch.zeros(4, 5, dtype=torch.float64).index_add(0, token, o2 * (w2 * keep)[:, None])
+            exact = loss_of(out) - loss_of(out + (o2[i] * w2[i]) * F.one_hot(token[i], 4).double()[:, None])
+        assert abs(float(sink[i] - exact)) < 1e-3 * abs(float(exact)) + 1e-12
+
+
+def test_camoe_causal_linear_attention_matches_naive():
+    gen = torch.Generator().manual_seed(0)
+    seq = torch.tensor([0] * 9 + [1] * 3 + [3] * 6)  # sequence 2 routed nothing here
+    n, H, d = len(seq), 2, 4
+    q, k = torch.rand(n, H, d, generator=gen), torch.rand(n, H, d, generator=gen)
+    v = torch.randn(n, H, d, generator=gen)
+    num, den = camoe.causal_linear_attention(q, k, v, seq, n_seq=4, chunk=4)
+    for i in range(n):
+        seen = (seq == seq[i]) & (torch.arange(n) <= i)
+        scores = torch.einsum("hd,jhd->jh", q[i], k[seen])
+        assert torch.allclose(num[i], torch.einsum("jh,jhd->hd", scores, v[seen]), atol=1e-5)
+        assert torch.allclose(den[i], scores.sum(0), atol=1e-5)
+
+
+def test_camoe_experts_compute_only_routed_tokens():
+    torch.manual_seed(0)
+    cfg = _camoe_cfg()
+    model = camoe.CaMoE_System(cfg).train()
+    rows = {}
+    for layer, block in enumerate(model.blocks):
+        for e, expert in enumerate(block.experts):
+            expert.register_forward_hook(lambda m, args, out, key=(layer, e): rows.__setitem__(key, len(args[0])))
+    x, y = _bigram_batch(torch.Generator().manual_seed(1))
+    _, _, infos = model(x, y)
+    for layer, info in enumerate(infos):
+        counts = info["counts"].tolist()
+        assert sum(counts) == x.numel() * cfg.top_k
+        assert [rows.get((layer, e), 0) for e in range(cfg.num_experts)] == counts
+
+
+def test_camoe_market_training_learns_without_nan_and_no_expert_starves():
+    torch.manual_seed(0)
+    cfg = _camoe_cfg(prewarm_steps=0)
+    model = camoe.CaMoE_System(cfg).train()
+    optimizer = camoe.make_optimizer(model, cfg, torch.device("cpu"))
+    gen = torch.Generator().manual_seed(1)
+    losses, tokens = [], []
+    for step in range(300):
+        x, y = _bigram_batch(gen)
+        _, (total, loss), _ = model(x, y)
+        total.backward()
+        market = model.settle_market()
+        for ledger in market["ledgers"]:
+            assert torch.allclose(ledger["change"], ledger["revenue"] - ledger["payment"] - ledger["tax"]
+                                  + ledger["topup"], atol=1e-9)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        assert torch.isfinite(total)
+        losses.append(loss.item())
+        tokens.append(market["tokens"])
+    for block in model.blocks:
+        capital = block.capital.capital
+        assert torch.isfinite(capital).all() and abs(float(capital.sum()) - cfg.total_capital) < 1e-6 * cfg.total_capital
+    recent = torch.stack(tokens[-100:]).sum(0)  # (layers, experts)
+    assert (recent > 0).all(), recent
+    assert np.mean(losses[-20:]) < np.mean(losses[:20]) - 1.0
+
+
+def test_camoe_frozen_experts_do_not_trade_in_prewarm_and_only_matrices_decay():
+    torch.manual_seed(0)
+    cfg = _camoe_cfg()
+    model = camoe.CaMoE_System(cfg).train()
+    x, y = _bigram_batch(torch.Generator().manual_seed(1))
+    _, (total, _), _ = model(x, y)
+    total.backward()
+    R = cfg.num_rwkv_experts
+    for ledger in model.settle_market(prewarm=True)["ledgers"]:
+        assert (ledger["payment"][:R] == 0).all() and ledger["payment"][R:].sum() > 0
+    names = {id(p): n for n, p in model.named_parameters()}
+    decayed = {names[id(p)] for g in camoe.make_optimizer(model, cfg, torch.device("cpu")).param_groups
+               if g["weight_decay"] > 0 for p in g["params"]}
+    assert {"blocks.0.att.receptance.weight", "blocks.0.experts.0.key.weight", "head.weight"} <= decayed
+    assert not decayed & {"blocks.0.att.w0", "blocks.0.att.w1", "blocks.0.att.k_a", "blocks.0.att.x_r", "emb.weight",
+                          "blocks.0.att.ln_x.weight", "bridge.pos"}
+
+
+@pytest.mark.parametrize("router", ["softmax", "dense"])
+def test_camoe_baselines_train(router):
+    torch.manual_seed(0)
+    cfg = _camoe_cfg(router=router)
+    model = camoe.CaMoE_System(cfg).train()
+    optimizer = camoe.make_optimizer(model, cfg, torch.device("cpu"))
+    gen = torch.Generator().manual_seed(1)
+    losses = []
+    for _ in range(60):
+        x, y = _bigram_batch(gen)
+        _, (total, loss), _ = model(x, y)
+        total.backward()
+        assert model.settle_market() == {}
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+    assert np.mean(losses[-10:]) < np.mean(losses[:10]) - 0.5
+
+
+def test_camoe_prewarm_freezes_backbone_and_rwkv_experts():
+    cfg = _camoe_cfg()
+    model = camoe.CaMoE_System(cfg)
+    trained, frozen = model.phase_groups()
+    names = {id(p): n for n, p in model.named_parameters()}
+    trained_names = {names[id(p)] for p in trained}
+    frozen_names = {names[id(p)] for p in frozen}
+    assert "blocks.0.experts.3.query.weight" in trained_names and "bridge.proj_in.weight" in trained_names
+    assert {"blocks.1.critic.body.0.weight", "blocks.1.router.confidence.weight", "blocks.0.dea.q_proj.weight",
+            "deep_embed.k_emb.weight"} <= trained_names
+    assert {"emb.weight", "head.weight", "blocks.0.att.key.weight", "blocks.1.experts.0.key.weight",
+            "blocks.0.ln1.weight"} <= frozen_names
+
+
+def test_camoe_dense_rwkv7_matches_rwkv_package():
+    """With router=dense, top_k=1 and no DEA, CaMoE is exactly RWKV-7: compare logits with rwkv's RWKV_x070."""
+    pytest.importorskip("rwkv")
+    script = """
+import os, sys, torch
+sys.path.insert(0, sys.argv[1])
+import camoe
+from rwkv.model import RWKV
+cfg = camoe.CaMoEConfig(n_layer=3, n_embd=64, head_size=16, vocab_size=300, router="dense", top_k=1,
+                        use_deep_embed_attention=False)
+torch.manual_seed(0)
+model = camoe.CaMoE_System(cfg).eval()
+with torch.no_grad():
+    for p in model.parameters():
+        p.add_(torch.randn_like(p) * 0.1)  # leave no zero-initialised weight: every path must matter
+path = os.path.join(sys.argv[2], "rwkv7")
+torch.save(model.state_dict(), path + ".pth")
+idx = torch.randint(0, 300, (1, 45))
+ours = model(idx)[0][0]
+theirs = RWKV(model=path, strategy="cpu fp32").forward(idx[0].tolist(), None, full_output=True)[0]
+print("MAXERR", float((ours - theirs).abs().max()), float(theirs.abs().max()))
+"""
+    import tempfile
+    with tempfile.TemporaryDirectory() as tmp:
+        env = dict(os.environ, RWKV_V7_ON="1", RWKV_JIT_ON="1")
+        out = subprocess.run([sys.executable, "-c", script, HERE, tmp], capture_output=True, text=True, env=env,
+                             timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    err, scale = map(float, re.search(r"MAXERR (\S+) (\S+)", out.stdout).groups())
+    assert scale > 0.1 and err < 1e-4 * scale
+
+
+def _camoe_args(tmp_path, *extra):
+    text = tmp_path / "corpus.txt"
+    if not text.exists():
+        rng = random.Random(0)
+        words = "market capital expert token price bid tax floor critic router bridge state".split()
+        text.write_text("\n".join(" ".join(rng.choice(words) for _ in range(12)) for _ in range(400)))
+    return ["--size", "tiny", "--data-path", str(text), "--cache-dir", str(tmp_path / "cache"), "--n-embd", "32",
+            "--head-size", "16", "--trans-heads", "2", "--ctx-len", "32", "--micro-bsz", "2", "--grad-accum", "2",
+            "--eval-interval", "3", "--eval-iters", "2", "--save-interval", "100", "--prewarm-steps", "2",
+            "--warmup-steps", "2", *extra]
+
+
+def _camoe_losses(out_dir):
+    with open(os.path.join(out_dir, "metrics.jsonl")) as f:
+        return [json.loads(line)["loss"] for line in f]
+
+
+def test_camoe_resume_continues_exactly_and_old_checkpoints_load(tmp_path, capsys):
+    straight, split = str(tmp_path / "straight"), str(tmp_path / "split")
+    camoe.main(_camoe_args(tmp_path, "--out-dir", straight, "--max-steps", "7"))
+    camoe.main(_camoe_args(tmp_path, "--out-dir", split, "--max-steps", "4"))
+    camoe.main(_camoe_args(tmp_path, "--out-dir", split, "--max-steps", "7", "--resume"))
+    assert _camoe_losses(split) == _camoe_losses(straight)  # same data, RNG, market state and optimizer
+    with open(os.path.join(straight, "metrics.jsonl")) as f:
+        records = [json.loads(line) for line in f]
+    assert [r["phase"] for r in records[:5]] == ["prewarm", "prewarm", "warmup", "warmup", "normal"]
+    assert all(len(r["expert_share"]) == 2 and len(r["capital_gini"]) == 2 for r in records)
+    assert "val_loss" in records[2] and math.isfinite(records[2]["val_loss"])
+
+    ckpt_path = os.path.join(split, "ckpt.pt")
+    ckpt = torch.load(ckpt_path, weights_only=True)
+    assert {"model", "optimizer", "config", "step"} <= set(ckpt) and ckpt["step"] == 7
+    for key in ("bid_noise", "critic_samples", "capital_cap"):  # a checkpoint from before these fields existed
+        del ckpt["config"][key]
+    del ckpt["model"]["blocks.1.critic.affinity_head.weight"]  # ... and before this parameter existed
+    torch.save(ckpt, ckpt_path)
+    capsys.readouterr()
+    camoe.main(_camoe_args(tmp_path, "--out-dir", split, "--max-steps", "8", "--resume"))
+    assert len(_camoe_losses(split)) == 8
+    assert "AdamW restarts its moments" in capsys.readouterr().out
+
+    with open(ckpt_path, "wb") as f:
+        f.write(b"not a checkpoint")
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exc:
+        camoe.main(_camoe_args(tmp_path, "--out-dir", split, "--max-steps", "9", "--resume"))
+    assert "camoe: error:" in str(exc.value) and "not a readable checkpoint" in str(exc.value)
+
+
+def test_camoe_data_sources_binidx_jsonl_mix_and_errors(tmp_path):
+    import struct
+    tokens = np.arange(1, 301, dtype=np.uint16)
+    prefix = str(tmp_path / "corpus_text_document")
+    tokens.tofile(prefix + ".bin")
+    sizes = np.array([100, 200], dtype=np.int32)
+    with open(prefix + ".idx", "wb") as f:
+        f.write(b"MMIDIDX\x00\x00" + struct.pack("<QBQQ", 1, 8, 2, 3))
+        f.write(sizes.tobytes() + np.array([0, 200], dtype=np.int64).tobytes() + np.array([0, 1, 2], np.int64).tobytes())
+    assert np.array_equal(camoe.load_tokens(prefix, str(tmp_path)), tokens)
+    assert np.array_equal(camoe.load_tokens(prefix + ".bin", str(tmp_path)), tokens)
+
+    jsonl = tmp_path / "docs.jsonl"
+    jsonl.write_text(json.dumps({"text": "hello world"}) + "\n" + json.dumps({"text": "goodbye"}) + "\n")
+    ids = camoe.load_tokens(str(jsonl), str(tmp_path / "cache"))
+    tok = camoe.world_tokenizer()
+    assert list(ids) == tok.encode("hello world") + [0] + tok.encode("goodbye") + [0]
+
+    other = np.full(400, 5, dtype=np.uint16)
+    data = camoe.TokenData([tokens, other], [0.8, 0.2], ctx_len=8, val_fraction=0.1, vocab_size=512, seed=0,
+                           names=["a", "b"])
+    x, y = data.batch(2000)
+    assert torch.equal(x[:, 1:], y[:, :-1])
+    from_b = float((x[:, 0] == 5).float().mean())
+    assert 0.15 < from_b < 0.25
+    assert int(x[x != 5].max()) < 300 - 30  # training windows stay out of the validation tail
+
+    with open(prefix + ".idx", "r+b") as f:
+        f.write(b"XXXXXXX")
+    with pytest.raises(ValueError, match="not a binidx index"):
+        camoe.load_tokens(prefix, str(tmp_path))
+    jsonl.write_text('{"text": "ok"}\n{"txt": 1}\n')
+    with pytest.raises(ValueError, match=r"docs.jsonl:2"):
+        camoe.load_tokens(str(jsonl), str(tmp_path / "cache"))
+    with pytest.raises(FileNotFoundError):
+        camoe.load_tokens(str(tmp_path / "missing.txt"), str(tmp_path))
+    with pytest.raises(ValueError, match="out of range"):
+        camoe.TokenData([tokens], [1.0], 8, 0.1, vocab_size=100, seed=0, names=["a"]).batch(64)
+
+
+def test_camoe_builtin_corpus_is_python_source(tmp_path):
+    ids = camoe.load_tokens("", str(tmp_path))
+    assert len(ids) > 100_000
+    assert "def " in camoe.world_tokenizer().decode([int(i) for i in ids[:5000]])
+
+
+def test_camoe_ddp_two_processes_gloo_and_exact_resume(tmp_path):
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+
+    def torchrun(out_dir, steps, *extra):
+        args = _camoe_args(tmp_path, "--out-dir", str(out_dir), "--max-steps", str(steps), *extra)
+        run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                              os.path.join(HERE, "camoe.py"), *args], capture_output=True, text=True, env=env,
+                             timeout=600)
+        assert run.returncode == 0, run.stderr[-3000:]
+
+    torchrun(tmp_path / "straight", 3)
+    torchrun(tmp_path / "split", 2)
+    torchrun(tmp_path / "split", 3, "--resume")
+    losses = _camoe_losses(tmp_path / "straight")
+    assert len(losses) == 3 and all(math.isfinite(x) for x in losses)
+    assert _camoe_losses(tmp_path / "split") == losses  # each rank resumed its own data order and RNG
+    ckpt = torch.load(tmp_path / "split" / "ckpt.pt", weights_only=False)
+    assert len(ckpt["rng"]) == 2 and ckpt["rng"][0]["data"] != ckpt["rng"][1]["data"]
+    capital = ckpt["model"]["blocks.0.capital.capital"]
+    assert abs(float(capital.sum()) - ckpt["config"]["total_capital"]) < 1e-6 * ckpt["config"]["total_capital"]
+
+
+def test_camoe_cli_errors_and_bench(tmp_path):
+    run = subprocess.run([sys.executable, os.path.join(HERE, "camoe.py"), "--size", "tiny", "--data-path",
+                          str(tmp_path / "nope.txt"), "--out-dir", str(tmp_path)], capture_output=True, text=True)
+    assert run.returncode != 0 and run.stderr.strip().splitlines()[-1].startswith("camoe: error:")
+    assert "Traceback" not in run.stderr
+    run = subprocess.run([sys.executable, os.path.join(HERE, "camoe.py"), "--bench", "--size", "tiny", "--n-embd", "32",
+                          "--head-size", "16", "--trans-heads", "2", "--ctx-len", "32", "--micro-bsz", "2",
+                          "--bench-steps", "1"], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert re.search(r"market / softmax = [0-9.]+x", run.stdout)
+    assert all(name in run.stdout for name in ("market", "softmax", "dense"))
+
+
+# ======================================================================================
+# tiny_llm_demo.py
+
+TINY_FLAGS = ["--context", "64", "--d-model", "64", "--n-head", "4", "--n-layer", "2", "--batch-size", "8",
+              "--steps", "5", "--lr", "3e-3", "--warmup-steps", "5"]
+_TINY_ENV = {**os.environ, "OMP_NUM_THREADS": "1"}  # one thread is faster for these tiny models
+
+
+def _tiny_config(**changes) -> tiny.TinyConfig:
+    base = dict(context=64, d_model=64, n_head=4, n_layer=2, batch_size=8, steps=20, lr=3e-3, warmup_steps=5)
+    return tiny.TinyConfig(**{**base, **changes})
+
+
+def _tiny_run(data_dir, commands="", args=(), timeout=120):
+    """Run the demo as a script with commands piped to stdin; returns the CompletedProcess."""
+    return subprocess.run([sys.executable, os.path.join(HERE, "tiny_llm_demo.py"), "--data-dir", str(data_dir),
+                           "--device", "cpu", *TINY_FLAGS, *args], input=commands, capture_output=True,
+                          text=True, encoding="utf-8", timeout=timeout, cwd=str(data_dir.parent), env=_TINY_ENV)
+
+
+def _tiny_stat(stdout, label):
+    """The first integer after 'label:' in /stats output, e.g. 'vocabulary' -> number of tokens."""
+    line = next(line for line in stdout.splitlines() if line.startswith(label + ":"))
+    return int(line.split(":")[1].split()[0].replace(",", ""))
+
+
+def test_tiny_tokenizer_unicode_and_vocab_file():
+    tok = tiny.DynamicTokenizer()
+    assert len(tok) == 2 and tok.encode("a") == [tiny.UNK]
+    text = "héllo 你好 😀👍🏽 e\u0301\n"  # Chinese, emoji with a skin-tone modifier, a combining accent
+    new = tok.add(text)
+    assert new == list(dict.fromkeys(text)) and tok.add(text) == []
+    assert tok.decode(tok.encode(text)) == text
+    assert tiny.PAD not in tok.encode(text) and tiny.UNK not in tok.encode(text)
+    again = tiny.DynamicTokenizer.from_json(tok.to_json())
+    assert again.itos == tok.itos
+    data = tok.to_json()
+    for bad in (data[: len(data) // 2], b"", b"[1, 2]", json.dumps({"stoi": {"<pad>": 0, "<unk>": 1, "a": 5}}).encode()):
+        with pytest.raises(ValueError):
+            tiny.DynamicTokenizer.from_json(bad)
+
+
+def test_tiny_teach_sentence_then_greedy_gen_completes_it(tmp_path, one_thread):
+    learner = tiny.OnlineLearner(_tiny_config(), tmp_path / "data")
+    sentence = "the quick brown fox jumps over the lazy dog"
+    losses = [learner.learn_line(sentence) for _ in range(5)]
+    assert losses[-1] < losses[0]
+    assert learner.generate("the quick", temperature=0.0) == sentence
+    assert learner.generate("the quick", temperature=0.0, use_cache=False) == sentence
+
+
+def test_tiny_train_command_appends_a_whole_file_then_trains(tmp_path, one_thread):
+    learner = tiny.OnlineLearner(_tiny_config(steps=3), tmp_path / "data")
+    book = tmp_path / "book.txt"
+    book.write_text("".join(f"line {i}: día ☀\n" for i in range(300)) + "no newline at the end", encoding="utf-8")
+    loss = learner.learn_file(book)
+    history = (tmp_path / "data" / "training_data.bin").read_text(encoding="utf-8")
+    assert history == book.read_text(encoding="utf-8") + "\n"
+    assert set(history) <= set(learner.tokenizer.chars) and math.isfinite(loss)
+    assert learner.step == math.ceil(len(history) / (8 * 64)) > 3  # about one pass over the file
+    (tmp_path / "blob").write_bytes(b"\xff\xfe\x00\x01" * 100)
+    with pytest.raises(ValueError, match="binary"):
+        learner.learn_file(tmp_path / "blob")
+    assert (tmp_path / "data" / "training_data.bin").read_text(encoding="utf-8") == history
+
+
+def test_tiny_vocab_growth_keeps_known_logits_and_keeps_training_embedding(tmp_path, one_thread):
+    learner = tiny.OnlineLearner(_tiny_config(), tmp_path / "data")
+    learner.learn_line("abc abc cab")
+    emb = learner.model.tok_emb.weight
+    old_vocab = learner.model.vocab_size
+    probe = torch.tensor([learner.tokenizer.encode("abc ab")])
+    with torch.no_grad():
+        old_logits = learner.model(probe)[0]
+        old_ema_logits = learner.ema.model(probe)[0]
+    old_moment = learner.optimizer.state[emb]["exp_avg"].clone()
+
+    assert learner.add_text("xyz 你好😀") == list("xyz你好😀")
+    new_vocab = len(learner.tokenizer)
+    with torch.no_grad():
+        new_logits = learner.model(probe)[0]
+        new_ema_logits = learner.ema.model(probe)[0]
+    assert new_logits.shape[-1] == new_vocab == old_vocab + 6
+    torch.testing.assert_close(new_logits[..., :old_vocab], old_logits, rtol=0, atol=1e-5)
+    torch.testing.assert_close(new_ema_logits[..., :old_vocab], old_ema_logits, rtol=0, atol=1e-5)
+    # same Parameter object, still tied, still in the optimizer, Adam moments padded with zero rows
+    assert learner.model.tok_emb.weight is emb and learner.model.lm_head.weight is emb
+    assert any(p is emb for group in learner.optimizer.param_groups for p in group["params"])
+    moment = learner.optimizer.state[emb]["exp_avg"]
+    assert moment.shape == emb.shape
+    assert torch.equal(moment[:old_vocab], old_moment) and not moment[old_vocab:].any()
+    # new rows start near the mean of the known characters' rows
+    known_mean = emb[tiny.N_SPECIAL:old_vocab].mean(0)
+    assert (emb[old_vocab:] - known_mean).abs().max() < 0.1
+
+    before = emb.detach().clone()
+    learner.learn_line("xyz 你好😀 abc")
+    assert not torch.equal(emb[:old_vocab], before[:old_vocab]), "embedding of known tokens no longer trains"
+    assert not torch.equal(emb[old_vocab:], before[old_vocab:]), "embedding of new tokens does not train"
+    assert learner.ema.model.vocab_size == new_vocab
+
+
+def test_tiny_kv_cache_generation_matches_full_recompute(one_thread):
+    torch.manual_seed(0)
+    config = _tiny_config(context=16)
+    model = tiny.TinyGPT(config, vocab_size=30).eval()
+    greedy = lambda logits: tiny.sample_token(logits, 0.0, 0, 1.0, None)
+    prompt = torch.randint(2, 30, (10,)).tolist()
+    cached = model.generate(prompt, 50, greedy, use_cache=True)
+    full = model.generate(prompt, 50, greedy, use_cache=False)
+    assert len(cached) == len(full) == 50
+    assert cached[:7] == full[:7]  # identical while prompt and output fit in the context
+    # past the context the cache restarts from the last half of the window: same as full forwards on it
+    window, expected = list(prompt), []
+    with torch.no_grad():
+        for _ in range(50):
+            expected.append(greedy(model(torch.tensor([window]))[0][0, -1]))
+            window = window + expected[-1:] if len(window) < 16 else (window + expected[-1:])[-8:]
+    assert cached == expected
+    # logits of cached decode steps equal a full forward over the same tokens
+    cache = tiny.KVCache(config.n_layer, config.context)
+    seq = prompt + cached
+    with torch.no_grad():
+        model(torch.tensor([seq[:3]]), cache=cache)
+        for pos in range(3, 16):
+            step_logits, _ = model(torch.tensor([[seq[pos]]]), cache=cache, start_pos=pos)
+            full_logits, _ = model(torch.tensor([seq[:pos + 1]]))
+            torch.testing.assert_close(step_logits[0, -1], full_logits[0, -1], rtol=1e-5, atol=1e-5)
+
+
+def test_tiny_sampling_is_safe_on_bad_logits():
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(20):  # PAD/UNK are never drawn even when they have the largest logits
+        assert tiny.sample_token(torch.tensor([9.0, 9.0, 0.0, 0.1]), 1.0, 0, 1.0, gen) in (2, 3)
+    assert tiny.sample_token(torch.tensor([0.0, 0.0, 1.0, float("nan")]), 1.0, 0, 0.5, gen) == 2
+    assert tiny.sample_token(torch.tensor([0.0, 0.0, 1.0, float("inf")]), 0.7, 1, 0.9, gen) == 3
+    assert tiny.sample_token(torch.full((5,), float("nan")), 1.0, 0, 1.0, gen) in (2, 3, 4)
+    assert tiny.sample_token(torch.full((5,), float("-inf")), 0.0, 0, 1.0, gen) in (2, 3, 4)
+    assert tiny.sample_token(torch.zeros(2), 1.0, 0, 1.0, gen) is None  # nothing learned yet
+
+
+def test_tiny_batches_are_real_text_and_pad_targets_are_ignored(tmp_path):
+    tok = tiny.DynamicTokenizer("abcdefgh\n")
+    replay = tiny.PersistentReplayText(tmp_path / "h.bin", cache_bytes=1000)
+    gen = torch.Generator().manual_seed(0)
+    replay.append("abc\n")
+    short = replay.sample_batch(tok, 4, 10, gen)  # history shorter than a window: padded at the end
+    assert short[:, :4].tolist() == [tok.encode("abc\n")] * 4 and (short[:, 4:] == tiny.PAD).all()
+    replay.append("".join("abcdefgh"[i % 7] for i in range(5000)) + "\n")
+    batch = replay.sample_batch(tok, 64, 33, gen)
+    assert batch.shape == (64, 33) and not (batch == tiny.PAD).any() and not (batch == tiny.UNK).any()
+    # a PAD target adds nothing to the loss
+    model = tiny.TinyGPT(_tiny_config(), len(tok))
+    x = torch.tensor([tok.encode("abcab")])
+    y_real = torch.tensor([tok.encode("bcab")])
+    _, loss_real = model(x[:, :4], y_real)
+    _, loss_padded = model(x, torch.cat([y_real, torch.tensor([[tiny.PAD]])], dim=1))
+    logits, _ = model(x)
+    manual = torch.nn.functional.cross_entropy(logits[0, :4], y_real[0])
+    torch.testing.assert_close(loss_padded, manual)
+    torch.testing.assert_close(loss_real, manual)
+    replay.close()
+
+
+def test_tiny_replay_reads_bounded_memory_on_a_200mb_history(tmp_path):
+    path = tmp_path / "training_data.bin"
+    old_block = ("alpha beta gamma\n" * 70_000).encode()[: 1 << 20]
+    new_block = ("delta epsilon zeta\n" * 60_000).encode()[: 1 << 20]
+    with open(path, "wb") as f:
+        for block in [old_block] * 100 + [new_block] * 100:
+            f.write(block)
+    size = os.path.getsize(path)
+    assert size >= 200 * 2**20
+    tok = tiny.DynamicTokenizer("alphbetgmdsiozn \n")
+    gen = torch.Generator().manual_seed(0)
+    tracemalloc.start()
+    try:
+        replay = tiny.PersistentReplayText(path)
+        windows = [tok.decode(row.tolist()) for _ in range(20) for row in replay.sample_batch(tok, 16, 257, gen)]
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 8 * 2**20, f"sampling a {size >> 20} MB history allocated {peak >> 20} MB"
+    assert len(replay.recent) <= tiny.RECENT_CACHE_BYTES
+    assert all(len(w) == 257 for w in windows)
+    assert any("alpha" in w for w in windows), "the old half of the history is never sampled"
+    assert any("delta" in w for w in windows)
+    replay.close()
+    path.unlink()
+
+
+def test_tiny_save_load_resumes_exactly_and_rejects_bad_checkpoints(tmp_path, one_thread):
+    config = _tiny_config(temperature=1.0, top_p=1.0)
+    a = tiny.OnlineLearner(config, tmp_path / "data")
+    for line in ("hello there", "general kenobi", "hello kenobi"):
+        a.learn_line(line)
+    ckpt = a.save(tmp_path / "a.pt")
+    gen_a = a.generate("he")
+    a.train_pulse(5)
+
+    b = tiny.OnlineLearner(_tiny_config(d_model=32, seed=5), tmp_path / "data")
+    b.load(ckpt)
+    assert b.tokenizer.itos == a.tokenizer.itos and b.config == config and b.step == a.step - 5
+    assert b.generate("he") == gen_a  # generation RNG state restored
+    b.train_pulse(5)  # batch RNG, optimizer moments and LR schedule restored: identical training
+    for (name, pa), pb in zip(a.model.named_parameters(), b.model.parameters()):
+        torch.testing.assert_close(pa, pb, rtol=0, atol=1e-6, msg=name)
+    state_a = a.optimizer.state[a.model.tok_emb.weight]
+    state_b = b.optimizer.state[b.model.tok_emb.weight]
+    torch.testing.assert_close(state_a["exp_avg_sq"], state_b["exp_avg_sq"], rtol=0, atol=1e-9)
+
+    # corrupt or foreign files: one ValueError, current model untouched
+    before = {k: v.clone() for k, v in b.model.state_dict().items()}
+    (tmp_path / "junk.pt").write_bytes(b"\x00garbage" * 100)
+    torch.save({"config": {"hidden": 3}, "weights": torch.zeros(2)}, tmp_path / "foreign.pt")
+    bad_shape = torch.load(ckpt, weights_only=True)
+    bad_shape["model"]["norm.weight"] = torch.ones(7)
+    torch.save(bad_shape, tmp_path / "bad_shape.pt")
+    for name in ("junk.pt", "foreign.pt", "bad_shape.pt"):
+        with pytest.raises(ValueError, match="checkpoint"):
+            b.load(tmp_path / name)
+    with pytest.raises(FileNotFoundError):
+        b.load(tmp_path / "missing.pt")
+    assert all(torch.equal(before[k], v) for k, v in b.model.state_dict().items())
+
+
+def test_tiny_checkpoint_with_a_different_vocabulary_loads(tmp_path, one_thread):
+    a = tiny.OnlineLearner(_tiny_config(), tmp_path / "a")
+    for _ in range(5):
+        a.learn_line("the cat sat on the mat")
+    ckpt = a.save()
+    b = tiny.OnlineLearner(_tiny_config(), tmp_path / "b")
+    b.learn_line("Ünïcödé 你好 only here")
+    b.load(ckpt)
+    assert b.tokenizer.itos[: len(a.tokenizer)] == a.tokenizer.itos  # the vocabulary came with the checkpoint
+    assert set("Ü你好") <= set(b.tokenizer.chars)  # b's own history stays encodable
+    assert b.generate("the c", temperature=0.0) == a.generate("the c", temperature=0.0) == "the cat sat on the mat"
+    saved = tiny.DynamicTokenizer.from_json((tmp_path / "b" / "dynamic_vocab.json").read_bytes())
+    assert saved.itos == b.tokenizer.itos
+
+
+def test_tiny_repl_bad_input_eof_autosave_and_restart(tmp_path):
+    data = tmp_path / "data"
+    text_file = tmp_path / "lines.txt"
+    text_file.write_text("first line\nsecond line ✓\n\nthird line\n", encoding="utf-8")
+    (tmp_path / "blob.bin").write_bytes(bytes(range(256)) * 10)
+    (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
+    bad = ["/frobnicate", "/temp=abc", "/topp=1.5", "/steps=-3", "/load_txt", "/load_txt missing.txt",
+           "/load_txt blob.bin", "/train blob.bin", "/load junk.pt", "/load missing.pt"]
+    commands = ["hello world", f"/load_txt {text_file}", *bad, "/temp=0", "/gen hel", "/help", "/stats"]
+    first = _tiny_run(data, "\n".join(commands) + "\n")  # ends with EOF, no /quit
+    assert first.returncode == 0, first.stderr
+    assert "Traceback" not in first.stderr
+    errors = [line for line in first.stdout.splitlines() if line.startswith("error:")]
+    assert len(errors) == len(bad), errors
+    assert "learned" in first.stdout and "/load_txt FILE" in first.stdout
+    history = (data / "training_data.bin").read_bytes()
+    assert history == "hello world\nfirst line\nsecond line ✓\nthird line\n".encode()
+    vocab, steps = _tiny_stat(first.stdout, "vocabulary"), _tiny_stat(first.stdout, "training")
+    assert steps == 20  # 4 pulses of 5 steps
+    assert (data / "model_checkpoint.pt").exists()
+
+    # truncated vocabulary file: one message, vocabulary recovered, history untouched
+    vocab_file = data / "dynamic_vocab.json"
+    vocab_file.write_bytes(vocab_file.read_bytes()[:40])
+    second = _tiny_run(data, "/stats\n/gen hel\n/quit\n")
+    assert second.returncode == 0 and "Traceback" not in second.stderr
+    assert sum(line.startswith("error:") for line in second.stdout.splitlines()) == 1
+    assert _tiny_stat(second.stdout, "vocabulary") == vocab and _tiny_stat(second.stdout, "training") == steps
+    assert (data / "training_data.bin").read_bytes() == history
+    assert tiny.DynamicTokenizer.from_json(vocab_file.read_bytes()).chars == list(dict.fromkeys(history.decode()))
+    # the greedy setting travelled with the checkpoint: the same continuation after the restart
+    first_lines, second_lines = first.stdout.splitlines(), second.stdout.splitlines()
+    greedy_line = first_lines[first_lines.index("temperature = 0.0") + 1]
+    assert greedy_line.startswith("hel") and second_lines[-2] == greedy_line
+
+
+def test_tiny_load_txt_flag(tmp_path):
+    data = tmp_path / "data"
+    text_file = tmp_path / "t.txt"
+    text_file.write_text("ab\ncd\n", encoding="utf-8")
+    done = _tiny_run(data, args=["--load-txt", str(text_file), "--sample-every", "2"])
+    assert done.returncode == 0, done.stderr
+    assert "[2/2] step 10" in done.stdout and (data / "model_checkpoint.pt").exists()
+    missing = _tiny_run(data, args=["--load-txt", str(tmp_path / "nope.txt")])
+    assert missing.returncode == 1 and "nope.txt" in missing.stderr and "Traceback" not in missing.stderr
+    assert (data / "training_data.bin").read_text() == "ab\ncd\n"
+
+
+@pytest.mark.parametrize("flags", [["--n-head", "3"], ["--top-p", "0"], ["--device", "tpu"], ["--steps", "x"],
+                                   ["--threads", "-1"], ["--frobnicate"]])
+def test_tiny_bad_flags_give_one_error_line(flags, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        tiny.main(["--data-dir", str(tmp_path / "data"), *flags])
+    assert exit_info.value.code == 2
+    assert ": error: " in capsys.readouterr().err.strip().splitlines()[-1]
+    assert not (tmp_path / "data").exists()
+
+
+def _tiny_start_long_pulse(data, lines):
+    """Start the demo, enter lines (the last one starts a pulse of 100000 steps); return the process
+    once that line is on disk, i.e. while its pulse runs."""
+    proc = subprocess.Popen([sys.executable, os.path.join(HERE, "tiny_llm_demo.py"), "--data-dir", str(data),
+                             "--device", "cpu", *TINY_FLAGS], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, encoding="utf-8", env=_TINY_ENV)
+    proc.stdin.write("\n".join([*lines[:-1], "/steps=100000", lines[-1]]) + "\n")
+    proc.stdin.flush()
+    deadline = time.time() + 60
+    while time.time() < deadline:
+        path = data / "training_data.bin"
+        if path.exists() and lines[-1].encode() in path.read_bytes():
+            break
+        time.sleep(0.1)
+    time.sleep(1.0)
+    assert proc.poll() is None, proc.communicate()
+    return proc
+
+
+def test_tiny_sigkill_mid_pulse_loses_no_input(tmp_path):
+    data = tmp_path / "data"
+    lines = ["remember this line", "/save", "and this one ✨ 中文"]
+    proc = _tiny_start_long_pulse(data, lines)
+    proc.kill()  # SIGKILL in the middle of the long pulse
+    proc.communicate()
+    history = (data / "training_data.bin").read_text(encoding="utf-8")
+    assert history == "remember this line\nand this one ✨ 中文\n"
+    again = _tiny_run(data, "/stats\n/gen and\n/quit\n")
+    assert again.returncode == 0 and "Traceback" not in again.stderr, again.stderr
+    assert "error:" not in again.stdout and "resumed" in again.stdout
+    # the checkpoint predates the second line; its characters come from dynamic_vocab.json
+    assert _tiny_stat(again.stdout, "vocabulary") == 2 + len(set(history))
+    assert _tiny_stat(again.stdout, "history") == len(history.encode())
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="SIGINT delivery differs on Windows")
+def test_tiny_ctrl_c_mid_pulse_autosaves_and_resumes(tmp_path):
+    data = tmp_path / "data"
+    proc = _tiny_start_long_pulse(data, ["first words", "second words"])
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0 and "Traceback" not in err, err
+    assert "interrupted" in out and "saved" in out
+    saved_step = int(re.search(r"^saved .* \(step (\d+)\)$", out, re.M).group(1))
+    assert saved_step > 5  # the interrupted pulse made progress and was saved
+    again = _tiny_run(data, "/stats\n")
+    assert again.returncode == 0
+    assert _tiny_stat(again.stdout, "training") == saved_step
+    assert (data / "training_data.bin").read_text() == "first words\nsecond words\n"
+
+
+# ======================================================================================
+# alphagpt.py
+
+_AG_ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+for _var in ("DB_HOST", "DB_NAME", "DB_USER", "DB_PASSWORD", "DB_PORT"):
+    _AG_ENV.pop(_var, None)                      # the CLI runs here must not pick up a user's database
+
+
+def _ag_run(*args, timeout=300):
+    return subprocess.run([sys.executable, os.path.join(HERE, "alphagpt.py"), *args], capture_output=True,
+                          text=True, env=_AG_ENV, timeout=timeout)
+
+
+def _ag_vm():
+    vocab = ag.FormulaVocab(ag.FeatureEngineer.NAMES)
+    return vocab, ag.StackVM(vocab)
+
+
+def _ag_feats(*rows):
+    """Features X0..X5 (only the given rows set, the rest zeros) as (6, 1, T)."""
+    T = len(rows[0])
+    feat = torch.zeros(6, 1, T)
+    for i, row in enumerate(rows):
+        feat[i, 0] = torch.tensor(row, dtype=torch.float32)
+    return feat
+
+
+def test_ag_each_operator_matches_hand_computed_values():
+    vocab, vm = _ag_vm()
+    x, y, c = [1.0, -2.0, 3.0, 0.0], [2.0, 4.0, -1.0, 0.5], [1.0, -1.0, 0.0, 2.0]
+    feat = _ag_feats(x, y, c)
+    R, L, P = vocab.features[:3]                       # feature 0 = x, 1 = y, 2 = c
+
+    def run(*names):
+        out = vm.execute(vocab.encode(list(names)), feat)
+        return out[0].tolist()
+
+    assert run(R, L, "ADD") == [3.0, 2.0, 2.0, 0.5]
+    assert run(R, L, "SUB") == [-1.0, -6.0, 4.0, -0.5]
+    assert run(R, L, "MUL") == [2.0, -8.0, -3.0, 0.0]
+    assert run(R, L, "DIV") == pytest.approx([1 / (2 + 1e-6), -2 / (4 + 1e-6), 3 / (-1 + 1e-6), 0.0], rel=1e-6)
+    assert run(R, "NEG") == [-1.0, 2.0, -3.0, 0.0]
+    assert run(R, "ABS") == [1.0, 2.0, 3.0, 0.0]
+    assert run(R, "SIGN") == [1.0, -1.0, 1.0, 0.0]
+    assert run(P, R, L, "GATE") == [1.0, 4.0, -1.0, 0.0]        # cond > 0 ? x : y, cond pushed first
+    assert run(R, "DELAY1") == [0.0, 1.0, -2.0, 3.0]            # zeros enter at the start, nothing wraps
+    assert run(R, "DECAY") == pytest.approx([1.0, -2 + 0.8, 3 - 1.6 + 0.6, 0 + 2.4 - 1.2])
+    assert run(R, "MAX3") == [1.0, 1.0, 3.0, 3.0]
+    # DIV by exactly -1e-6 gives inf: the VM maps it to the clip value, never inf / nan
+    feat_div = _ag_feats([1.0, -1.0], [-1e-6, -1e-6])
+    assert vm.execute(vocab.encode([R, L, "DIV"]), feat_div)[0].tolist() == [ag.VALUE_CLIP, -ag.VALUE_CLIP]
+    # JUMP: z-score over the last 20 bars (including t) minus 3, floored at 0; a lone spike after 19 zeros
+    # has z = sqrt(19); earlier bars are 0
+    spike = [0.0] * 19 + [10.0]
+    jump = vm.execute(vocab.encode([R, "JUMP"]), _ag_feats(spike))[0]
+    assert jump[-1].item() == pytest.approx(math.sqrt(19) - 3, rel=1e-5)
+    assert jump[:-1].abs().max().item() == 0.0
+
+
+def test_ag_vm_rejects_invalid_formulas_and_renders_infix():
+    vocab, vm = _ag_vm()
+    feat = torch.randn(6, 3, 30)
+    assert vm.execute([], feat) is None                                        # empty
+    assert vm.execute(vocab.encode(["RET", "VOL"]), feat) is None              # two values left
+    assert vm.execute(vocab.encode(["RET", "ADD"]), feat) is None              # operator without operands
+    assert vm.execute([0, vocab.bos], feat) is None                            # BOS is not executable
+    assert vm.execute([0, 999], feat) is None and vm.execute([-1], feat) is None
+    ids = vocab.encode(["RET", "VOL", "MUL", "ABS"])
+    assert vm.execute(ids + [vocab.end, 5, 5], feat) is not None             # END stops execution
+    assert vocab.infix(ids) == "abs((RET * VOL))"
+    assert vocab.decode(ids + [vocab.end, 5, 5]) == ["RET", "VOL", "MUL", "ABS"]  # like the VM: stop at END
+    assert vocab.infix(vocab.encode(["DEV", "RET", "LIQ", "GATE"])) == "gate(DEV, RET, LIQ)"
+    with pytest.raises(ag.AlphaError):
+        vocab.encode(["RET", "NOT_A_TOKEN"])
+
+
+def test_ag_batched_vm_and_backtest_equal_the_per_formula_path(one_thread):
+    frame, _ = ag.clean_market(ag.synthetic_market(6, 160, seed=3))
+    engine = ag.AlphaEngine(ag.AlphaConfig(eval_chunk=37, device="cpu"), frame)
+    vocab, data = engine.vocab, engine.train_data
+    gen = torch.Generator().manual_seed(0)
+    grammar = ag.sample_formulas(vocab, 12, 150, "cpu", generator=gen)
+    noise = torch.randint(-1, vocab.size_in + 1, (150, 12), generator=gen)    # mostly invalid, some illegal ids
+    tokens = torch.cat([grammar, noise, grammar[:20]])                           # with duplicates
+    values, valid = engine.vm.execute_batch(tokens, data.feat)
+    rewards, usable = engine.score_formulas(tokens, data)
+    assert valid[:150].all() and 0 < valid[150:300].sum() < 150                # noise: invalid and valid rows
+    for i, row in enumerate(tokens.tolist()):
+        single = engine.vm.execute(row, data.feat)
+        assert (single is None) == (not valid[i].item())
+        if single is not None:
+            torch.testing.assert_close(values[i], single, rtol=1e-6, atol=1e-6)
+        else:
+            assert values[i].abs().max().item() == 0.0
+        assert rewards[i].item() == pytest.approx(engine.score_one(row, data)["score"], abs=1e-5)
+    assert (rewards[~valid] == ag.INVALID_REWARD).all()
+
+
+def _ag_bt(**kw):
+    return ag.MemeBacktest(trade_size_usd=1000.0, min_liquidity=5000.0, base_fee=0.005, **kw)
+
+
+def test_ag_backtest_on_hand_built_series():
+    bt = _ag_bt()
+    on, off = 5.0, -5.0                                  # sigmoid(5) = 0.993 > 0.85, sigmoid(-5) < 0.85
+    # one token, 12 bars, liquidity 100k -> impact 0.01, cost per position change 0.015
+    f = torch.tensor([[on, on, off, on, off, on, off, on, off, on, off, off]])
+    ret = torch.tensor([[0.02, 0.01, 0.5, -0.01, 0.5, 0.03, 0.5, 0.0, 0.5, 0.04, 0.5, 0.5]])
+    liq = torch.full((1, 12), 100_000.0)
+    held = 0.02 + 0.01 - 0.01 + 0.03 + 0.0 + 0.04       # returns of the held bars only
+    changes = 10                                         # 5 entries and 5 exits
+    fitness, mean_ret = bt.evaluate(f, liq, ret)
+    assert mean_ret == pytest.approx(held - changes * 0.015, abs=1e-6)
+    assert fitness == pytest.approx(held - changes * 0.015, abs=1e-6)   # no bar below -5%: no penalty
+    # a held bar losing 8% costs its return plus the drawdown penalty of 2
+    ret_dd = ret.clone()
+    ret_dd[0, 7] = -0.08
+    fitness_dd, _ = bt.evaluate(f, liq, ret_dd)
+    assert fitness_dd == pytest.approx(held - 0.08 - changes * 0.015 - 2.0, abs=1e-6)
+    # 4 trades only -> the inactivity score
+    f4 = f.clone()
+    f4[0, 9] = off
+    assert bt.evaluate(f4, liq, ret)[0] == -10.0
+    # impact is capped at 5%: liquidity 10k -> 1000/10k = 0.1 -> 0.05, cost per change 0.055 (< -0.05 at entry)
+    fitness_cap, mean_cap = bt.evaluate(f, torch.full((1, 12), 10_000.0), ret)
+    assert mean_cap == pytest.approx(held - changes * 0.055, abs=1e-6)
+    # at or below min_liquidity no position is opened at all
+    assert bt.evaluate(f, torch.full((1, 12), 5_000.0), ret) == (-10.0, 0.0)
+    # fitness is the median over tokens, evaluated for many formulas at once
+    scores, _ = bt.token_scores(torch.stack([f.expand(3, -1), -f.expand(3, -1)]), liq.expand(3, -1),
+                                torch.cat([ret, ret_dd, ret * 0]))
+    batch_fitness, _ = bt.evaluate(torch.stack([f.expand(3, -1), -f.expand(3, -1)]), liq.expand(3, -1),
+                                   torch.cat([ret, ret_dd, ret * 0]))
+    assert batch_fitness[0].item() == pytest.approx(scores[0].median().item())
+    assert batch_fitness[0].item() == pytest.approx(-changes * 0.015, abs=1e-6)    # tokens: good, dd, flat
+
+
+def test_ag_features_use_no_future_data():
+    frame = ag.synthetic_market(4, 200, seed=1)
+    changed = ag.MarketFrame(frame.addresses, frame.symbols, frame.times, frame.values.copy())
+    changed.values[:, :, 150:] *= np.float32(1.7)                       # rewrite the future from bar 150
+    for name in ("basic", "advanced"):
+        a = ag.build_market_data(frame, name, torch.device("cpu"))
+        b = ag.build_market_data(changed, name, torch.device("cpu"))
+        assert a.feat.shape[0] == len(ag.FACTOR_SETS[name].NAMES) and torch.isfinite(a.feat).all()
+        torch.testing.assert_close(a.feat[..., :150], b.feat[..., :150])
+        assert not torch.allclose(a.feat[..., 150:], b.feat[..., 150:])
+        # the target at t is log(open[t+2] / open[t+1]); the last two bars are 0
+        o = torch.from_numpy(frame.field("open")).double()
+        torch.testing.assert_close(a.target[:, :-2], torch.log(o[:, 2:] / o[:, 1:-1]).float())
+        assert a.target[:, -2:].abs().max() == 0
+
+
+def test_ag_grammar_mask_makes_every_sample_executable(one_thread):
+    cfg = ag.AlphaConfig(max_formula_len=7)
+    vocab, vm = _ag_vm()
+    model = ag.AlphaGPT(cfg, vocab)
+    feat = torch.randn(6, 2, 25)
+    gen = torch.Generator().manual_seed(1)
+    for policy in (None, model):
+        tokens = ag.sample_formulas(vocab, 7, 300, "cpu", model=policy, generator=gen)
+        assert tokens.shape == (300, 7) and (tokens != vocab.bos).all()
+        _, valid = vm.execute_batch(tokens, feat)
+        assert valid.all()
+    masks = vocab.grammar_masks(tokens, 7)
+    assert masks.gather(-1, tokens.unsqueeze(-1)).all()                    # every sampled token was legal
+    # at the start only features are legal; END only with exactly one value on the stack
+    first = vocab.legal_mask(torch.zeros(1, dtype=torch.long), 0, torch.zeros(1, dtype=torch.bool), 7)[0]
+    assert first[: vocab.n_feat].all() and not first[vocab.n_feat:].any()
+
+
+def test_ag_stable_rank_lord_and_policy_gradient_reach_every_part(one_thread):
+    W = torch.diag(torch.tensor([3.0, 1.0, 1.0]))
+    monitor = ag.StableRankMonitor([("blocks.layers.0.attn.qkv.weight", torch.nn.Parameter(W))])
+    assert monitor.compute() == pytest.approx(11 / 9)
+    Y = ag.newton_schulz_orth(torch.randn(32, 32, generator=torch.Generator().manual_seed(0)), 8)
+    assert torch.linalg.svdvals(Y)[:16].min() > 0.7                       # ~ orthogonal on the large directions
+    frame, _ = ag.clean_market(ag.synthetic_market(6, 160, seed=2))
+    engine = ag.AlphaEngine(ag.AlphaConfig(batch_size=32, rank_every=1, device="cpu"), frame)
+    targeted = {id(p) for p in engine.lord.params}
+    names = [n for n, p in engine.model.named_parameters() if id(p) in targeted]
+    assert sorted(names) == sorted(f"blocks.layers.{i}.attn.{k}.weight" for i in range(2) for k in ("qkv", "proj"))
+    before = {n: p.detach().clone() for n, p in engine.model.named_parameters()}
+    tokens = ag.sample_formulas(engine.vocab, 12, 32, "cpu", model=engine.model)
+    rewards, _ = engine.score_formulas(tokens, engine.train_data)
+    loss, _ = engine.policy_loss(tokens, rewards)
+    loss.backward()
+    for name, p in engine.model.named_parameters():                      # router, value head, QK-norm all learn
+        if name != "pos_emb.weight":
+            assert p.grad is not None and p.grad.abs().sum() > 0, name
+    engine.model.zero_grad()
+    record = engine.train_step()
+    assert record["stable_rank"] > 1 and all(not torch.equal(before[n], p) for n, p in
+                                             engine.model.named_parameters() if id(p) in targeted)
+
+
+def test_ag_training_beats_random_formulas_out_of_sample(one_thread):
+    """Seeded, small, CPU: on the synthetic market with its planted signal, the searched formula's held-out
+    score beats the 95th percentile of random valid formulas' held-out scores, and the trained policy's own
+    samples beat that percentile far more often than the 5% random formulas do."""
+    cfg = ag.AlphaConfig(synthetic_tokens=32, synthetic_bars=900, batch_size=128, train_steps=60, seed=0,
+                         device="cpu", use_rank_monitor=False)
+    ag.seed_everything(cfg.seed)
+    frame, _ = ag.load_market(cfg)
+    engine = ag.AlphaEngine(cfg, frame)
+    for _ in range(cfg.train_steps):
+        engine.train_step()
+    random_scores = ag.random_valid_scores(engine, 600, seed=123, data=engine.test_data)
+    p95 = np.percentile(random_scores, 95)
+    best = engine.best_strategy()
+    assert best["test"]["score"] > p95, (best, p95)
+    samples = ag.sample_formulas(engine.vocab, cfg.max_formula_len, 300, "cpu", model=engine.model)
+    policy_scores, _ = engine.score_formulas(samples, engine.test_data)
+    assert (policy_scores > p95).float().mean().item() > 0.15
+
+
+def test_ag_cli_trains_writes_outputs_resumes_and_evaluates(tmp_path):
+    out = tmp_path / "run"
+    small = ["--synthetic-tokens", "8", "--synthetic-bars", "240", "--batch-size", "16", "--out-dir", str(out),
+             "--ckpt-every", "2"]
+    first = _ag_run("--train-steps", "3", *small)
+    assert first.returncode == 0, first.stderr
+    strategy = json.loads((out / "best_meme_strategy.json").read_text())
+    assert strategy["tokens"] and isinstance(strategy["formula"], str) and "test" in strategy
+    assert len(json.loads((out / "training_history.json").read_text())) == 3
+    again = _ag_run("--train-steps", "3", *small)                        # would overwrite: refused, one line
+    assert again.returncode != 0 and "--resume" in again.stderr and "Traceback" not in again.stderr
+    resumed = _ag_run("--resume", "--train-steps", "5", "--out-dir", str(out))
+    assert resumed.returncode == 0, resumed.stderr
+    history = json.loads((out / "training_history.json").read_text())
+    assert [h["step"] for h in history] == [0, 1, 2, 3, 4]
+    strategy = json.loads((out / "best_meme_strategy.json").read_text())
+    scored = _ag_run("--eval-formula", str(out / "best_meme_strategy.json"), "--synthetic-tokens", "8",
+                     "--synthetic-bars", "240", "--seed", "7")
+    assert scored.returncode == 0, scored.stderr
+    result = json.loads(scored.stdout[scored.stdout.index("{"):])
+    assert result["formula"] == strategy["formula"] and set(result) >= {"full", "train", "test"}
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"tokens": ["RET", "NOPE"]}')
+    failed = _ag_run("--eval-formula", str(bad))
+    assert failed.returncode != 0 and "NOPE" in failed.stderr and "Traceback" not in failed.stderr
+
+
+def test_ag_bad_database_settings_fail_in_one_line_without_the_password():
+    secret = "s3cr3t-pw"
+    for dsn in (f"postgresql://postgres:{secret}@127.0.0.1:1/test", f"host=127.0.0.1 port=1 password={secret}"):
+        proc = _ag_run("--db", dsn, "--train-steps", "1", timeout=60)
+        assert proc.returncode != 0 and "Traceback" not in proc.stderr
+        assert secret not in proc.stderr + proc.stdout and "cannot connect" in proc.stderr
+        assert len(proc.stderr.strip().splitlines()) == 1
+    assert ag.mask_secret(f"password={secret} and {secret}", f"password={secret}") == "password=*** and ***"
+
+
+def test_ag_clean_market_counts_and_fixes_bad_data():
+    addresses, symbols = ["a", "b", "c"], ["A", "B", "C"]
+    rows, token_idx, times = [], [], []
+    for tok in range(3):
+        for t in range(6):
+            if tok == 1 and t in (2, 3):
+                continue                                                   # a gap of two bars
+            price = 1.0 + t
+            liq = 0.0 if (tok == 2 and t == 4) else 1e5                    # one zero-liquidity bar
+            rows.append([price, price * 1.1, price * 0.9, price, 10.0, liq, 1e6, 6.0, 4.0])
+            token_idx.append(tok)
+            times.append(1000 + 60 * t)
+    rows[0][3] = np.nan                                                    # NaN close
+    rows[1][0] = np.inf                                                    # Inf open
+    rows.append(list(rows[5]))                                             # a duplicate (token 0, t = 5)
+    token_idx.append(0)
+    times.append(1000 + 60 * 5)
+    frame, dupes = ag.pivot_rows(np.array(token_idx), np.array(times), np.array(rows), addresses, symbols)
+    cleaned, report = ag.clean_market(frame, dupes)
+    assert dupes == 1 and np.isfinite(cleaned.values).all()
+    assert "2 NaN/Inf prices" in report and "2 missing bars filled" in report
+    assert "1 duplicate (token, time) rows dropped" in report and "1 bars with zero/missing liquidity" in report
+    close_b = cleaned.field("close")[1]
+    assert close_b.tolist() == [1.0, 2.0, 2.0, 2.0, 5.0, 6.0]              # forward-filled over the gap
+    assert cleaned.field("volume")[1].tolist() == [10.0, 10.0, 0.0, 0.0, 10.0, 10.0]   # no trades in a gap
+    assert cleaned.field("close")[0][0] == 2.0                             # leading NaN: the first known close
+
+
+def test_ag_advantages_seed_form_and_risk_seeking():
+    frame, _ = ag.clean_market(ag.synthetic_market(3, 80, seed=0))
+    rewards = torch.tensor([-5.0, -2.0, 0.0, 1.0, 3.0])
+    plain = ag.AlphaEngine(ag.AlphaConfig(risk_quantile=0.0, device="cpu", db="postgresql://u:pw-7@h/d"), frame)
+    torch.testing.assert_close(plain.advantages(rewards), (rewards - rewards.mean()) / (rewards.std() + 1e-5))
+    assert "pw-7" not in str(plain.state()["config"])               # a checkpoint never stores the password
+    risky = ag.AlphaEngine(ag.AlphaConfig(risk_quantile=0.5, device="cpu"), frame)
+    torch.testing.assert_close(risky.advantages(rewards),
+                               torch.tensor([0.0, 0.0, 0.0, 1.0, 3.0]) / (rewards.std() + 1e-5))
+
+
+def test_ag_edge_data_single_token_all_nan_token_short_series_negative_liquidity(one_thread):
+    frame = ag.synthetic_market(3, 45, seed=0)                           # 45 bars: shorter than the 60-bar norm
+    frame.values[:, 1] = np.nan                                          # a token with no data at all
+    frame.values[ag.FIELDS.index("liquidity"), 2, 10:20] = -1.0           # negative liquidity = missing
+    cleaned, report = ag.clean_market(frame)
+    assert cleaned.addresses == [frame.addresses[0], frame.addresses[2]] and "1 tokens without prices dropped" in report
+    assert "10 negative volume/liquidity/FDV values" in report
+    liq = cleaned.field("liquidity")[1]
+    assert (liq[10:20] == liq[9]).all()                                  # forward-filled, never negative
+    for data in (cleaned, ag.clean_market(ag.synthetic_market(1, 45, seed=1))[0]):
+        engine = ag.AlphaEngine(ag.AlphaConfig(batch_size=8, test_frac=0.5, device="cpu"), data)
+        assert torch.isfinite(engine.data.feat).all()
+        record = engine.train_step()
+        assert math.isfinite(record["loss"]) and engine.best_strategy()["test"] is not None
+    with pytest.raises(ag.AlphaError, match="each part needs >= 20 bars"):
+        ag.AlphaEngine(ag.AlphaConfig(device="cpu"), ag.clean_market(ag.synthetic_market(2, 30, seed=0))[0])
+
+
+def test_ag_cli_bad_flags_and_settings_are_one_line(capsys, monkeypatch):
+    for argv, expect in ((["--bogus"], "unrecognized arguments: --bogus"),
+                         (["--factors", "nope"], "invalid choice"),
+                         (["--batch-size", "1"], "--batch-size must be >= 2"),
+                         (["--d-model", "30"], "divisible by --n-heads"),
+                         (["--eval-formula", "/no/such/file.json"], "No such file")):
+        with pytest.raises(SystemExit) as exit_info:
+            ag.main(argv)
+        code = exit_info.value.code                                      # argparse: 2 and stderr; ours: the text
+        err = capsys.readouterr().err + (code if isinstance(code, str) else "")
+        assert code not in (0, None)
+        assert expect in err and "usage:" not in err and len(err.strip().splitlines()) == 1, err
+    # the DSN comes from the seed's DB_* variables when --db is not given; its password is never shown
+    for var, value in (("DB_USER", "alice"), ("DB_PASSWORD", "pw-9x"), ("DB_HOST", "db.example"), ("DB_NAME", "q")):
+        monkeypatch.setenv(var, value)
+    monkeypatch.delenv("DB_PORT", raising=False)
+    dsn = ag.resolve_dsn(ag.AlphaConfig())
+    assert ag._parse_dsn(dsn) == {"user": "alice", "password": "pw-9x", "host": "db.example", "dbname": "q"}
+    assert "pw-9x" not in ag.mask_secret(f"failed for {dsn}") and "pw-9x" not in ag.strip_password(dsn)
+    assert ag.resolve_dsn(ag.AlphaConfig(db="postgresql://u@h/d")) == "postgresql://u@h/d"     # --db wins
+    monkeypatch.delenv("DB_HOST")
+    monkeypatch.delenv("DB_NAME")
+    assert ag.resolve_dsn(ag.AlphaConfig()) == ""                        # no DB configured: synthetic market
+
+
+# ---- against the real Postgres (ALPHAGPT_TEST_DSN; CI sets it and these tests must run there)
+
+_AG_DSN = os.environ.get("ALPHAGPT_TEST_DSN")
+_ag_needs_db = pytest.mark.skipif(not _AG_DSN, reason="ALPHAGPT_TEST_DSN is not set (CI sets it)")
+
+
+@pytest.fixture
+def ag_schema():
+    """A fresh schema per test, dropped afterwards (never touches public or a user's tables)."""
+    schema = f"alphagpt_test_{uuid.uuid4().hex[:12]}"
+    conn = ag.connect(_AG_DSN)
+    yield conn, schema
+    conn.rollback()
+    with conn.cursor() as cur:
+        cur.execute(ag._sql("DROP SCHEMA IF EXISTS {s} CASCADE", schema))
+    conn.commit()
+    conn.close()
+
+
+def _ag_count(conn, schema, table):
+    with conn.cursor() as cur:
+        cur.execute(ag._sql("SELECT count(*) FROM {s}." + table, schema))
+        return cur.fetchone()[0]
+
+
+@_ag_needs_db
+def test_ag_db_schema_ingest_twice_and_load_round_trip(ag_schema):
+    conn, schema = ag_schema
+    ag.init_schema(conn, schema)
+    ag.init_schema(conn, schema)                                          # idempotent
+    with conn.cursor() as cur:
+        cur.execute("SELECT indexname FROM pg_indexes WHERE schemaname = %s", (schema,))
+        indexes = {r[0] for r in cur.fetchall()}
+    assert {"ohlcv_time_idx", "tokens_liquidity_idx", "ohlcv_pkey", "tokens_pkey"} <= indexes
+    frame = ag.synthetic_market(5, 90, seed=4)
+    frame.symbols[0] = "x'); DROP TABLE tokens; --"                       # names are data, never SQL
+    assert ag.ingest_csv(conn, schema, ag.frame_to_csv(frame), "mem") == (450, 450)
+    assert ag.ingest_csv(conn, schema, ag.frame_to_csv(frame), "mem") == (450, 0)
+    assert _ag_count(conn, schema, "ohlcv") == 450 and _ag_count(conn, schema, "tokens") == 5
+    for use_copy in (True, False):
+        loaded, dupes = ag.load_frame(conn, schema, 100, use_copy=use_copy)
+        assert dupes == 0 and loaded.addresses == frame.addresses and loaded.symbols == frame.symbols
+        assert np.array_equal(loaded.times, frame.times) and np.array_equal(loaded.values, frame.values)
+    top2, _ = ag.load_frame(conn, schema, 2)
+    assert top2.addresses == frame.addresses[:2]                          # top N by liquidity
+
+
+@_ag_needs_db
+def test_ag_db_bad_rows_empty_tables_and_messy_data(ag_schema, tmp_path):
+    conn, schema = ag_schema
+    ag.init_schema(conn, schema)
+    with pytest.raises(ag.AlphaError, match="No tokens found"):
+        ag.load_frame(conn, schema, 10)
+    header = "address,time,open,high,low,close,volume,liquidity\n"
+    good = "tok1,2024-01-01T00:00:00Z,1,1.1,0.9,1,5,1e5\n"
+    for bad_line, expect in (("tok1,2024-01-01T00:01:00Z,abc,1,1,1,5,1e5\n", "line 3, column open"),
+                             (",2024-01-01T00:01:00Z,1,1,1,1,5,1e5\n", "line 3"),
+                             ("tok1,not-a-time,1,1,1,1,5,1e5\n", "line 3, column time")):
+        with pytest.raises(ag.AlphaError, match=expect):
+            ag.ingest_csv(conn, schema, io.StringIO(header + good + bad_line), "bad.csv")
+    assert _ag_count(conn, schema, "ohlcv") == 0                          # a bad file loads nothing
+    with pytest.raises(ag.AlphaError, match="bad header"):
+        ag.ingest_csv(conn, schema, io.StringIO("address,when,open\n"), "bad.csv")
+    # NaN / Inf values, zero liquidity, a gap and a duplicate row in the file go in and come out counted
+    messy = tmp_path / "messy.csv"
+    lines = [header]
+    for t in range(8):
+        close = "NaN" if t == 5 else "Infinity" if t == 6 else str(1 + t)
+        if t != 3:                                                        # tok1 has no bar at t = 3
+            lines.append(f"tok1,2024-01-01T00:0{t}:00Z,{1 + t},{2 + t},{0.5 + t},{close},5,{0 if t == 2 else 1e5}\n")
+        lines.append(f"tok2,2024-01-01T00:0{t}:00Z,2,3,1,2,5,1e5\n")
+    lines.append(lines[1])                                                # duplicate row
+    messy.write_text("".join(lines))
+    proc = _ag_run("--db", _AG_DSN, "--db-schema", schema, "--ingest", str(messy))
+    assert proc.returncode == 0, proc.stderr
+    assert "16 rows read, 15 inserted" in proc.stdout
+    frame, dupes = ag.load_frame(conn, schema, 10)
+    cleaned, report = ag.clean_market(frame, dupes)
+    assert np.isfinite(cleaned.values).all() and cleaned.values.shape == (len(ag.FIELDS), 2, 8)
+    assert "2 NaN/Inf prices" in report and "1 missing bars filled" in report
+    assert "2 bars with zero/missing liquidity" in report     # the zero at t = 2, forward-filled into t = 3
+
+
+@_ag_needs_db
+def test_ag_db_cli_seed_then_train_from_postgres(ag_schema, tmp_path):
+    _, schema = ag_schema
+    db = ["--db", _AG_DSN, "--db-schema", schema]
+    seeded = _ag_run(*db, "--seed-synthetic", "--synthetic-tokens", "6", "--synthetic-bars", "200")
+    assert seeded.returncode == 0, seeded.stderr
+    trained = _ag_run(*db, "--limit-tokens", "4", "--train-steps", "2", "--batch-size", "16",
+                      "--out-dir", str(tmp_path / "run"))
+    assert trained.returncode == 0, trained.stderr
+    assert "postgres" in trained.stdout and "4 tokens x 200 bars" in trained.stdout
+    assert json.loads((tmp_path / "run" / "best_meme_strategy.json").read_text())["formula"]

@@ -1,0 +1,1470 @@
+"""
+AlphaGPT: search for trading formulas with a transformer policy, a stack VM, a meme-coin backtest and
+REINFORCE, on OHLCV data from Postgres (or a built-in synthetic market), in one file.
+
+A small looped transformer writes formulas token by token in postfix (reverse Polish) form over a
+vocabulary of market features (RET, LIQ, PRESSURE, ...) and operators (ADD, GATE, DECAY, ...). A grammar
+mask keeps every sampled formula executable. The stack VM evaluates a whole batch of formulas at once into
+factor values [formula x token x time]; the backtest turns each factor into positions and scores it after
+fees, price impact and a drawdown penalty; REINFORCE pushes the policy towards high-scoring formulas.
+
+    python alphagpt.py                                   # no DB configured: synthetic market, CPU, ~minutes
+    python alphagpt.py --db postgresql://u@host/db --init-db --seed-synthetic   # create schema, fill it
+    python alphagpt.py --db postgresql://u@host/db --ingest candles.csv         # COPY-load OHLCV (idempotent)
+    python alphagpt.py --db postgresql://u@host/db --limit-tokens 200           # train on the database
+    python alphagpt.py --eval-formula out_alphagpt/best_meme_strategy.json       # score a saved formula
+    python alphagpt.py --bench                           # formulas/s batched vs one by one; COPY vs fetchall
+
+Without --db the DSN is built from DB_USER / DB_PASSWORD / DB_HOST / DB_NAME (and DB_PORT) when DB_HOST or
+DB_NAME is set; otherwise the synthetic market is used. Passwords are never printed.
+
+Layout: config, database helpers, operators, factors, the stack VM, the model (LoopedTransformer, MTPHead,
+LoRD, stable rank), data (synthetic market, Postgres schema / ingest / load, cleaning), the backtest, the
+engine (sampling, REINFORCE), benchmark, CLI.
+"""
+
+import argparse
+import dataclasses
+import io
+import json
+import math
+import os
+import re
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from common import atomic_save, atomic_write_bytes, load_checkpoint, pick_device, seed_everything
+
+# -----------------------------------------------------------------------------
+# config
+
+
+class AlphaError(ValueError):
+    """A user-facing error: printed as one line, without traceback."""
+
+
+@dataclass
+class AlphaConfig:
+    # data
+    db: str = ""                      # Postgres DSN; empty: DB_* environment variables, else the synthetic market
+    db_schema: str = "public"
+    limit_tokens: int = 500
+    factors: str = "basic"            # "basic" (FeatureEngineer, 6) or "advanced" (AdvancedFactorEngineer, 12)
+    synthetic_tokens: int = 48
+    synthetic_bars: int = 1200
+    test_frac: float = 0.3            # last fraction of time held out for out-of-sample scoring
+    # market (backtest cost assumptions)
+    trade_size_usd: float = 1000.0
+    min_liquidity: float = 5000.0
+    base_fee: float = 0.005
+    # search
+    batch_size: int = 256
+    train_steps: int = 200
+    max_formula_len: int = 12
+    eval_chunk: int = 32              # formulas evaluated together by the batched VM + backtest
+    lr: float = 1e-3
+    entropy_coef: float = 0.01
+    value_coef: float = 0.5
+    risk_quantile: float = 0.9        # > 0: risk-seeking policy gradient on the top (1 - q) of each batch
+    # model
+    d_model: int = 64
+    n_layers: int = 2
+    n_loops: int = 3
+    n_heads: int = 4
+    ffn_dim: int = 128
+    mtp_heads: int = 3
+    dropout: float = 0.0
+    use_lord: bool = True
+    lord_decay_rate: float = 1e-3
+    lord_num_iterations: int = 5
+    use_rank_monitor: bool = True
+    rank_every: int = 100
+    # run
+    seed: int = 0
+    device: str = "auto"
+    threads: int = 1                  # CPU threads; 0 keeps PyTorch's default
+    out_dir: str = "out_alphagpt"
+    ckpt_every: int = 50
+
+    def __post_init__(self):
+        """Reject settings that would crash later or silently do nothing, with one clear message."""
+        checks = [
+            (min(self.limit_tokens, self.synthetic_tokens) >= 1, "--limit-tokens, --synthetic-tokens must be >= 1"),
+            (self.synthetic_bars >= 3, "--synthetic-bars must be >= 3"),
+            (0 < self.test_frac < 1, "--test-frac must be in (0, 1)"),
+            (self.trade_size_usd > 0 and self.min_liquidity >= 0 and self.base_fee >= 0,
+             "--trade-size-usd must be > 0, --min-liquidity and --base-fee >= 0"),
+            (self.batch_size >= 2, "--batch-size must be >= 2 (advantages are normalised over the batch)"),
+            (self.train_steps >= 0 and self.max_formula_len >= 1 and self.eval_chunk >= 1,
+             "--train-steps must be >= 0, --max-formula-len and --eval-chunk >= 1"),
+            (self.lr > 0 and self.entropy_coef >= 0 and self.value_coef >= 0,
+             "--lr must be > 0, --entropy-coef and --value-coef >= 0"),
+            (0 <= self.risk_quantile < 1, "--risk-quantile must be in [0, 1)"),
+            (min(self.d_model, self.n_layers, self.n_loops, self.n_heads, self.ffn_dim, self.mtp_heads) >= 1
+             and self.d_model % self.n_heads == 0, "model sizes must be >= 1 and --d-model divisible by --n-heads"),
+            (0 <= self.dropout < 1, "--dropout must be in [0, 1)"),
+            (self.lord_decay_rate >= 0 and self.lord_num_iterations >= 1, "--lord-decay-rate must be >= 0, "
+             "--lord-num-iterations >= 1"),
+            (self.rank_every >= 1 and self.ckpt_every >= 1 and self.threads >= 0,
+             "--rank-every and --ckpt-every must be >= 1, --threads >= 0"),
+        ]
+        problems = [message for ok, message in checks if not ok]
+        if problems:
+            raise AlphaError("bad settings: " + "; ".join(problems))
+
+
+FIELD_HELP = {
+    "db": "Postgres DSN (postgresql://user:pass@host:port/db); empty: build it from DB_USER/DB_PASSWORD/DB_HOST/"
+          "DB_NAME/DB_PORT when DB_HOST or DB_NAME is set, else use the built-in synthetic market",
+    "db_schema": "Postgres schema holding the tokens and ohlcv tables",
+    "limit_tokens": "load the top N tokens by liquidity",
+    "factors": "feature set: basic (6 features, FeatureEngineer) or advanced (12, AdvancedFactorEngineer)",
+    "synthetic_tokens": "tokens in the synthetic market",
+    "synthetic_bars": "bars (minutes) per token in the synthetic market",
+    "test_frac": "fraction of the time axis (the end) held out to score the best formula out of sample",
+    "trade_size_usd": "trade size in USD; price impact = trade size / liquidity, capped at 5%%",
+    "min_liquidity": "no position while a token's liquidity is at or below this (USD)",
+    "base_fee": "fee per side as a fraction of the trade",
+    "batch_size": "formulas sampled per training step",
+    "train_steps": "policy-gradient steps",
+    "max_formula_len": "maximum tokens per formula",
+    "eval_chunk": "formulas per chunk in the batched VM + backtest (bounds memory: ~6 x chunk x tokens x time)",
+    "lr": "AdamW learning rate",
+    "entropy_coef": "weight of the policy entropy bonus",
+    "risk_quantile": "0: plain REINFORCE with advantage (r - mean) / std; q in (0, 1): risk-seeking variant, "
+                     "advantage max(r - quantile_q(r), 0) / std, so only the batch's best formulas are reinforced",
+    "value_coef": "weight of the value-head regression loss (the value head predicts a formula's reward)",
+    "d_model": "model width",
+    "n_layers": "distinct transformer layers",
+    "n_loops": "times each layer is applied (weights shared across loops)",
+    "n_heads": "attention heads",
+    "ffn_dim": "SwiGLU hidden width",
+    "mtp_heads": "vocabulary heads mixed by the MTPHead router",
+    "dropout": "dropout (0 keeps sampling and the loss on the same policy)",
+    "use_lord": "apply Newton-Schulz low-rank decay (LoRD) to the attention weights after every step",
+    "lord_decay_rate": "LoRD step size",
+    "lord_num_iterations": "Newton-Schulz iterations per LoRD step",
+    "use_rank_monitor": "log the stable rank of the attention weights",
+    "rank_every": "steps between stable-rank measurements",
+    "seed": "random seed (synthetic market, sampling, init)",
+    "device": "auto, cpu, cuda or cuda:N",
+    "threads": "torch CPU threads; 0 = PyTorch's default, which honours OMP_NUM_THREADS (the search runs many "
+               "small ops: one thread is fastest on a busy or small machine; more help on large data)",
+    "out_dir": "where best_meme_strategy.json, training_history.json and ckpt.pt are written",
+    "ckpt_every": "steps between checkpoints (also written at the end)",
+}
+
+
+# -----------------------------------------------------------------------------
+# database connection helpers (imported lazily: psycopg2 is only needed for Postgres)
+
+
+def resolve_dsn(cfg: AlphaConfig) -> str:
+    """--db, else a DSN built from the seed's DB_* variables, else "" (synthetic market)."""
+    if cfg.db:
+        return cfg.db
+    env = os.environ
+    if not (env.get("DB_HOST") or env.get("DB_NAME")):
+        return ""
+    try:
+        from psycopg2.extensions import make_dsn
+    except ImportError:
+        raise AlphaError("DB_HOST / DB_NAME are set but psycopg2 is not installed (pip install psycopg2-binary)") \
+            from None
+    parts = {"user": env.get("DB_USER"), "password": env.get("DB_PASSWORD"), "host": env.get("DB_HOST"),
+             "port": env.get("DB_PORT"), "dbname": env.get("DB_NAME")}
+    return make_dsn(**{k: v for k, v in parts.items() if v})
+
+
+def _parse_dsn(dsn: str) -> dict:
+    """The DSN's keywords, or {} when it does not parse (or psycopg2 is missing)."""
+    try:
+        from psycopg2.extensions import parse_dsn
+        return parse_dsn(dsn)
+    except Exception:
+        return {}
+
+
+def mask_secret(text: str, dsn: str = "") -> str:
+    """text with passwords replaced by ***: the URI / key=value spellings, the DSN's password verbatim and
+    the DB_PASSWORD variable's value."""
+    text = re.sub(r"(://[^:/@\s]*:)[^@\s]*@", r"\1***@", text)
+    text = re.sub(r"(password\s*=\s*)('(?:[^'\\]|\\.)*'|\S+)", r"\1***", text, flags=re.IGNORECASE)
+    for password in (_parse_dsn(dsn).get("password"), os.environ.get("DB_PASSWORD")):
+        if password:
+            text = text.replace(password, "***")
+    return text
+
+
+def strip_password(dsn: str) -> str:
+    """The DSN without its password (for what is written to disk); unparsable DSNs become ""."""
+    parts = {k: v for k, v in _parse_dsn(dsn).items() if k != "password"}
+    if not parts:
+        return ""
+    from psycopg2.extensions import make_dsn
+    return make_dsn(**parts)
+
+
+def connect(dsn: str):
+    """A psycopg2 connection in UTC, or AlphaError with a one-line, password-free reason."""
+    try:
+        import psycopg2
+    except ImportError as exc:
+        raise AlphaError("psycopg2 is not installed (pip install psycopg2-binary)") from exc
+    try:
+        conn = psycopg2.connect(dsn, connect_timeout=10)
+    except psycopg2.Error as exc:
+        reason = " ".join(str(exc).split())
+        raise AlphaError(f"cannot connect to Postgres at {mask_secret(dsn, dsn)}: {mask_secret(reason, dsn)}") \
+            from None
+    with conn.cursor() as cur:
+        cur.execute("SET TIME ZONE 'UTC'")
+    return conn
+
+
+# -----------------------------------------------------------------------------
+# operators: vectorised over any leading dims, time is the last dim; every lag looks back only
+
+
+VALUE_CLIP = 1e4  # factor values are clipped here after every op (nan -> 0, +-inf -> +-clip)
+
+
+def ts_delay(x: torch.Tensor, d: int) -> torch.Tensor:
+    """x[t - d], zeros for the first d bars (no wrap-around, unlike torch.roll)."""
+    return F.pad(x, (d, 0))[..., : x.shape[-1]]
+
+
+def rolling_mean_std(x: torch.Tensor, window: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean and std of x[t-window+1 .. t] (fewer bars at the start); cumulative sums in float64."""
+    T = x.shape[-1]
+    xd = x.double()
+    c1, c2 = xd.cumsum(-1), (xd * xd).cumsum(-1)                  # sums of x[0 .. t]
+    n = torch.arange(1, T + 1, device=x.device).clamp(max=window).double()
+    mean = (c1 - ts_delay(c1, window)) / n                       # ts_delay: the sum up to t - window, 0 before
+    var = ((c2 - ts_delay(c2, window)) / n - mean * mean).clamp(min=0)
+    return mean.to(x.dtype), var.sqrt().to(x.dtype)
+
+
+def _op_gate(cond, x, y):
+    return torch.where(cond > 0, x, y)
+
+
+def _op_jump(x):
+    mean, std = rolling_mean_std(x, 20)
+    return F.relu((x - mean) / (std + 1e-6) - 3.0)
+
+
+def _op_decay(x):
+    return x + 0.8 * ts_delay(x, 1) + 0.6 * ts_delay(x, 2)
+
+
+def _op_max3(x):
+    return torch.maximum(x, torch.maximum(ts_delay(x, 1), ts_delay(x, 2)))
+
+
+# (name, function, arity). GATE pops (cond, x, y) with cond deepest: cond > 0 ? x : y.
+# JUMP is relu(z - 3) of x's z-score over the last 20 bars; DECAY is x + 0.8 x[t-1] + 0.6 x[t-2].
+OPS_CONFIG = [
+    ("ADD", torch.add, 2),
+    ("SUB", torch.sub, 2),
+    ("MUL", torch.mul, 2),
+    ("DIV", lambda x, y: x / (y + 1e-6), 2),
+    ("NEG", torch.neg, 1),
+    ("ABS", torch.abs, 1),
+    ("SIGN", torch.sign, 1),
+    ("GATE", _op_gate, 3),
+    ("JUMP", _op_jump, 1),
+    ("DECAY", _op_decay, 1),
+    ("DELAY1", lambda x: ts_delay(x, 1), 1),
+    ("MAX3", _op_max3, 1),
+]
+
+
+def clean_values(x: torch.Tensor) -> torch.Tensor:
+    return torch.nan_to_num(x, nan=0.0).clamp(-VALUE_CLIP, VALUE_CLIP)
+
+
+# -----------------------------------------------------------------------------
+# factors: every feature at bar t uses bars <= t only
+
+
+def robust_norm(x: torch.Tensor, window: int = 60) -> torch.Tensor:
+    """(x - median) / (MAD + 1e-6) over the trailing window (fewer bars at the start), clipped to +-5.
+    x: (N, T); rows are processed in chunks so the (rows, T, window) windows stay ~64M values."""
+    rows = max(1, (1 << 26) // (x.shape[-1] * window))
+    out = []
+    for xc in x.split(rows):
+        padded = F.pad(xc, (window - 1, 0), value=float("nan"))
+        win = padded.unfold(-1, window, 1)                              # (rows, T, window)
+        med = win.nanmedian(-1).values
+        mad = (win - med.unsqueeze(-1)).abs().nanmedian(-1).values
+        out.append(((xc - med) / (mad + 1e-6)).clamp(-5.0, 5.0))
+    return torch.cat(out)
+
+
+def _log_ret(c: torch.Tensor) -> torch.Tensor:
+    prev = torch.cat([c[:, :1], c[:, :-1]], dim=1)
+    return torch.log(c / prev)
+
+
+class FeatureEngineer:
+    """The seed's 6 features: return, liquidity score, buy/sell pressure, FOMO, deviation, log volume."""
+    NAMES = ["RET", "LIQ", "PRESSURE", "FOMO", "DEV", "VOL"]
+    INPUT_DIM = len(NAMES)
+
+    @staticmethod
+    def compute_features(raw: dict[str, torch.Tensor]) -> torch.Tensor:
+        """raw: (N, T) tensors -> (6, N, T).
+        RET = rn(log c_t/c_{t-1}); LIQ = clamp(4 liq/fdv, 0, 1); PRESSURE = tanh(3 (c-o)/(h-l));
+        FOMO = rn(clamp(dchg, +-5)) with chg = v_t/(v_{t-1}+1) - 1 and dchg its change;
+        DEV = rn((c - MA20)/MA20); VOL = rn(log1p v).  rn = causal robust_norm."""
+        o, h, l, c, v = raw["open"], raw["high"], raw["low"], raw["close"], raw["volume"]
+        ret = robust_norm(_log_ret(c))
+        liq = torch.where(raw["fdv"] > 0, 4 * raw["liquidity"] / raw["fdv"].clamp(min=1e-9),
+                          torch.zeros_like(c)).clamp(0, 1)
+        pressure = torch.tanh(3 * (c - o) / (h - l + 1e-9))
+        chg = v / (ts_delay(v, 1) + 1) - 1
+        fomo = robust_norm((chg - ts_delay(chg, 1)).clamp(-5, 5))
+        ma20, _ = rolling_mean_std(c, 20)
+        dev = robust_norm((c - ma20) / ma20)
+        vol = robust_norm(torch.log1p(v))
+        return torch.stack([ret, liq, pressure, fomo, dev, vol])
+
+
+class AdvancedFactorEngineer:
+    """12 features: the basic 6 plus 10-bar momentum, 20-bar realised volatility, order-flow imbalance,
+    liquidity change, bar range and close position within the bar."""
+    NAMES = FeatureEngineer.NAMES + ["MOM10", "RVOL20", "FLOW", "LIQ_CHG", "RANGE", "CLOSE_POS"]
+    INPUT_DIM = len(NAMES)
+
+    @staticmethod
+    def compute_features(raw: dict[str, torch.Tensor]) -> torch.Tensor:
+        """raw: (N, T) tensors -> (12, N, T).  MOM10 = rn(log c_t/c_{t-10}); RVOL20 = rn(std of log returns,
+        20 bars); FLOW = (buy - sell)/(buy + sell); LIQ_CHG = rn(log liq_t/liq_{t-1}); RANGE = rn(log h/l);
+        CLOSE_POS = 2 (c - l)/(h - l) - 1."""
+        base = FeatureEngineer.compute_features(raw)
+        h, l, c = raw["high"], raw["low"], raw["close"]
+        c10 = torch.cat([c[:, :1].expand(-1, 10), c], dim=1)[:, : c.shape[1]]
+        mom = robust_norm(torch.log(c / c10))
+        _, rv = rolling_mean_std(_log_ret(c), 20)
+        buy, sell = raw["buy_volume"], raw["sell_volume"]
+        flow = (buy - sell) / (buy + sell + 1e-9)
+        liq = raw["liquidity"].clamp(min=1.0)
+        liq_chg = robust_norm(_log_ret(liq))
+        rng = robust_norm(torch.log(h / l.clamp(min=1e-12)))
+        close_pos = 2 * (c - l) / (h - l + 1e-9) - 1
+        extra = torch.stack([mom, robust_norm(rv), flow, liq_chg, rng, close_pos])
+        return torch.cat([base, torch.nan_to_num(extra)])
+
+
+FACTOR_SETS = {"basic": FeatureEngineer, "advanced": AdvancedFactorEngineer}
+
+
+# -----------------------------------------------------------------------------
+# formula vocabulary, grammar and the stack VM
+
+
+class FormulaVocab:
+    """Token ids: features 0..K-1, operators K..K+len(OPS)-1, END (stops a formula), then BOS (input only,
+    never sampled: the start token is not the id of a feature)."""
+
+    def __init__(self, feature_names: list[str]):
+        self.features = list(feature_names)
+        self.n_feat = len(self.features)
+        self.names = self.features + [name for name, _, _ in OPS_CONFIG] + ["END"]
+        self.end = len(self.names) - 1
+        self.bos = self.end + 1
+        self.size_out, self.size_in = self.end + 1, self.bos + 1
+        self.arity = torch.tensor([0] * self.n_feat + [a for _, _, a in OPS_CONFIG] + [0])
+        self.delta = torch.tensor([1] * self.n_feat + [1 - a for _, _, a in OPS_CONFIG] + [0])
+        self.max_arity = max(a for _, _, a in OPS_CONFIG)
+
+    def legal_mask(self, depth: torch.Tensor, pos: int, done: torch.Tensor, max_len: int) -> torch.Tensor:
+        """(B, V) tokens that keep a formula completable: an op needs `arity` operands, and after the token
+        the remaining max_len - pos - 1 slots must suffice to reduce the stack to one value. END needs depth 1;
+        finished formulas may only repeat END."""
+        left = max_len - pos - 1
+        arity, delta = self.arity.to(depth.device), self.delta.to(depth.device)
+        new_depth = depth[:, None] + delta[None, :]                           # (B, V)
+        need = torch.div(new_depth - 1 + self.max_arity - 2, self.max_arity - 1, rounding_mode="floor")
+        ok = (depth[:, None] >= arity[None, :]) & (new_depth >= 1) & (need <= left)
+        ok[:, self.end] = depth == 1
+        ok[done] = False
+        ok[done, self.end] = True
+        return ok
+
+    def grammar_masks(self, tokens: torch.Tensor, max_len: int) -> torch.Tensor:
+        """Legal-token masks for every position of sampled formulas.  tokens: (B, L) -> (B, L, V)"""
+        B, L = tokens.shape
+        depth = torch.zeros(B, dtype=torch.long, device=tokens.device)
+        done = torch.zeros(B, dtype=torch.bool, device=tokens.device)
+        masks = []
+        delta = self.delta.to(tokens.device)
+        for p in range(L):
+            masks.append(self.legal_mask(depth, p, done, max_len))
+            depth = depth + torch.where(done, 0, delta[tokens[:, p]])
+            done = done | (tokens[:, p] == self.end)
+        return torch.stack(masks, dim=1)
+
+    def encode(self, names: list[str]) -> list[int]:
+        unknown = [n for n in names if n not in self.names or n == "END"]
+        if unknown:
+            raise AlphaError(f"formula uses {unknown}, not in this vocabulary ({', '.join(self.names[:-1])})")
+        return [self.names.index(n) for n in names]
+
+    def decode(self, ids: list[int]) -> list[str]:
+        """Token names up to the first END (the VM stops there too)."""
+        ids = list(ids)
+        return [self.names[i] for i in (ids[: ids.index(self.end)] if self.end in ids else ids)]
+
+    def infix(self, ids: list[int]) -> str:
+        """Readable infix text of a postfix formula, e.g. [RET, VOL, MUL, ABS] -> abs((RET * VOL))."""
+        symbols = {"ADD": "+", "SUB": "-", "MUL": "*", "DIV": "/"}
+        stack: list[str] = []
+        for name in self.decode(ids):
+            if name in self.features:
+                stack.append(name)
+                continue
+            arity = dict((n, a) for n, _, a in OPS_CONFIG)[name]
+            if len(stack) < arity:
+                return "<invalid>"
+            args = stack[len(stack) - arity:]
+            del stack[len(stack) - arity:]
+            stack.append(f"({args[0]} {symbols[name]} {args[1]})" if name in symbols
+                         else f"{name.lower()}({', '.join(args)})")
+        return stack[0] if len(stack) == 1 else "<invalid>"
+
+
+class StackVM:
+    """Executes postfix formulas: a feature token pushes its (N, T) slice, an operator pops `arity` values and
+    pushes its result (nan -> 0, clipped to +-VALUE_CLIP). Unbalanced stacks and illegal tokens give None."""
+
+    def __init__(self, vocab: FormulaVocab):
+        self.vocab = vocab
+        self.feat_offset = vocab.n_feat
+        self.ops = [(fn, arity) for _, fn, arity in OPS_CONFIG]
+
+    def execute(self, formula_tokens: list[int], feat_tensor: torch.Tensor) -> torch.Tensor | None:
+        """One formula.  feat_tensor: (K, N, T) -> (N, T) or None."""
+        stack: list[torch.Tensor] = []
+        for tok in formula_tokens:
+            tok = int(tok)
+            if tok == self.vocab.end:
+                break
+            if 0 <= tok < self.feat_offset:
+                stack.append(feat_tensor[tok])
+            elif self.feat_offset <= tok < self.vocab.end:
+                fn, arity = self.ops[tok - self.feat_offset]
+                if len(stack) < arity:
+                    return None
+                args = stack[len(stack) - arity:]
+                del stack[len(stack) - arity:]
+                stack.append(clean_values(fn(*args)))
+            else:
+                return None
+        return clean_values(stack[0]) if len(stack) == 1 else None
+
+    def compile(self, formulas: list[list[int]]) -> tuple[list[tuple[int, ...]], list[int], list[int]]:
+        """Run the stack symbolically over a batch, sharing identical sub-expressions. Node ids 0..K-1 are the
+        features; node K + i is nodes[i] = (op index, child ids...). Returns (nodes, their heights, the root
+        node of each formula, -1 where the formula is invalid)."""
+        K, end = self.feat_offset, self.vocab.end
+        node_ids: dict[tuple[int, ...], int] = {}
+        nodes: list[tuple[int, ...]] = []
+        heights: list[int] = []
+        roots = []
+        for formula in formulas:
+            stack: list[int] = []
+            ok = True
+            for tok in formula:
+                if tok == end:
+                    break
+                if 0 <= tok < K:
+                    stack.append(tok)
+                    continue
+                if not K <= tok < end or len(stack) < self.ops[tok - K][1]:
+                    ok = False
+                    break
+                arity = self.ops[tok - K][1]
+                key = (tok - K, *stack[len(stack) - arity:])
+                del stack[len(stack) - arity:]
+                if key not in node_ids:
+                    node_ids[key] = K + len(nodes)
+                    nodes.append(key)
+                    heights.append(1 + max(heights[c - K] if c >= K else 0 for c in key[1:]))
+                stack.append(node_ids[key])
+            roots.append(stack[0] if ok and len(stack) == 1 else -1)
+        return nodes, heights, roots
+
+    def evaluate_unique(self, formulas: torch.Tensor, feat_tensor: torch.Tensor):
+        """Batched execution: compile the batch, then evaluate its distinct nodes level by level, one call per
+        (height, operator) group, so the work is one call per group instead of one per formula and token.
+        formulas: (F, L) -> values of the distinct roots (U, N, T), index into them (F,) (-1: invalid)."""
+        K = self.feat_offset
+        nodes, heights, roots = self.compile(formulas.tolist())
+        dev = feat_tensor.device
+        order = sorted(range(len(nodes)), key=lambda i: (heights[i], nodes[i][0]))    # each group contiguous
+        slot = torch.empty(K + len(nodes), dtype=torch.long)
+        slot[:K] = torch.arange(K)
+        slot[torch.tensor(order, dtype=torch.long) + K] = torch.arange(K, K + len(nodes))
+        vals = feat_tensor.new_empty((K + len(nodes),) + feat_tensor.shape[1:])      # (K + nodes, N, T)
+        vals[:K] = feat_tensor
+        start = 0
+        while start < len(order):
+            h, op = heights[order[start]], nodes[order[start]][0]
+            stop = start
+            while stop < len(order) and (heights[order[stop]], nodes[order[stop]][0]) == (h, op):
+                stop += 1
+            fn, arity = self.ops[op]
+            children = slot[torch.tensor([nodes[i][1:] for i in order[start:stop]])].to(dev)   # (g, arity)
+            out = fn(*(vals.index_select(0, children[:, j]) for j in range(arity)))            # (g, N, T)
+            torch.clamp(out, -VALUE_CLIP, VALUE_CLIP, out=vals[K + start: K + stop]).nan_to_num_(0.0)
+            start = stop
+        root_t = torch.tensor(roots, dtype=torch.long)
+        unique_roots, index = torch.unique(root_t.clamp(min=0), return_inverse=True)
+        index = torch.where(root_t >= 0, index, -1).to(dev)
+        return clean_values(vals.index_select(0, slot[unique_roots].to(dev))), index
+
+    def execute_batch(self, formulas: torch.Tensor, feat_tensor: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """All formulas at once (see evaluate_unique).  formulas: (F, L) -> values (F, N, T) (zeros where
+        invalid), valid (F,) bool; equal to execute() formula by formula."""
+        unique_values, index = self.evaluate_unique(formulas, feat_tensor)
+        valid = index >= 0
+        values = torch.where(valid[:, None, None], unique_values[index.clamp(min=0)], 0.0)
+        return values, valid
+
+
+# -----------------------------------------------------------------------------
+# the model: AlphaGPT = embeddings + LoopedTransformer + MTPHead
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float = 1e-6):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps) * self.weight
+
+
+class QKNormAttention(nn.Module):
+    """Causal self-attention with RMSNorm applied to queries and keys per head (QK-norm)."""
+
+    def __init__(self, d_model: int, n_heads: int, dropout: float):
+        super().__init__()
+        self.n_heads, self.head_dim = n_heads, d_model // n_heads
+        self.qkv = nn.Linear(d_model, 3 * d_model, bias=False)
+        self.proj = nn.Linear(d_model, d_model, bias=False)
+        self.q_norm, self.k_norm = RMSNorm(self.head_dim), RMSNorm(self.head_dim)
+        self.dropout = dropout
+
+    def forward(self, x):
+        B, T, C = x.shape
+        q, k, v = self.qkv(x).view(B, T, 3, self.n_heads, self.head_dim).permute(2, 0, 3, 1, 4)  # (B, H, T, D)
+        q, k = self.q_norm(q), self.k_norm(k)
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=self.dropout if self.training else 0.0)
+        return self.proj(y.transpose(1, 2).reshape(B, T, C))
+
+
+class SwiGLU(nn.Module):
+    def __init__(self, d_model: int, hidden: int, dropout: float):
+        super().__init__()
+        self.gate_up = nn.Linear(d_model, 2 * hidden, bias=False)
+        self.down = nn.Linear(hidden, d_model, bias=False)
+        self.drop = nn.Dropout(dropout)
+
+    def forward(self, x):
+        gate, up = self.gate_up(x).chunk(2, dim=-1)
+        return self.drop(self.down(F.silu(gate) * up))
+
+
+class LoopedBlock(nn.Module):
+    """Pre-norm block: x + attn(norm x), then x + ffn(norm x)."""
+
+    def __init__(self, cfg: AlphaConfig):
+        super().__init__()
+        self.attn_norm, self.ffn_norm = RMSNorm(cfg.d_model), RMSNorm(cfg.d_model)
+        self.attn = QKNormAttention(cfg.d_model, cfg.n_heads, cfg.dropout)
+        self.ffn = SwiGLU(cfg.d_model, cfg.ffn_dim, cfg.dropout)
+
+    def forward(self, x):
+        x = x + self.attn(self.attn_norm(x))
+        return x + self.ffn(self.ffn_norm(x))
+
+
+class LoopedTransformer(nn.Module):
+    """n_layers distinct blocks, each applied n_loops times in a row (weights shared across loops)."""
+
+    def __init__(self, cfg: AlphaConfig):
+        super().__init__()
+        self.layers = nn.ModuleList(LoopedBlock(cfg) for _ in range(cfg.n_layers))
+        self.n_loops = cfg.n_loops
+
+    def forward(self, x):
+        for layer in self.layers:
+            for _ in range(self.n_loops):
+                x = layer(x)
+        return x
+
+
+class MTPHead(nn.Module):
+    """mtp_heads vocabulary heads mixed by a softmax router, p(tok) = sum_h router_h * softmax(head_h)[tok],
+    each head masked to the legal tokens; plus a value head predicting the formula's reward."""
+
+    def __init__(self, d_model: int, vocab_size: int, n_heads: int):
+        super().__init__()
+        self.heads = nn.Linear(d_model, n_heads * vocab_size)
+        self.router = nn.Linear(d_model, n_heads)
+        self.value = nn.Linear(d_model, 1)
+        self.n_heads, self.vocab_size = n_heads, vocab_size
+
+    def forward(self, h, legal):
+        """h: (B, T, C), legal: (B, T, V) bool -> log-probs (B, T, V) (~-1e9 where illegal), values (B, T)."""
+        logits = self.heads(h).unflatten(-1, (self.n_heads, self.vocab_size))        # (B, T, H, V)
+        logits = logits.masked_fill(~legal.unsqueeze(-2), -1e9)  # finite: logsumexp over heads stays differentiable
+        mix = F.log_softmax(self.router(h), dim=-1).unsqueeze(-1)                    # (B, T, H, 1)
+        logp = torch.logsumexp(mix + F.log_softmax(logits, dim=-1), dim=-2)        # (B, T, V)
+        return logp, self.value(h).squeeze(-1)
+
+
+class AlphaGPT(nn.Module):
+    def __init__(self, cfg: AlphaConfig, vocab: FormulaVocab):
+        super().__init__()
+        self.vocab = vocab
+        self.token_emb = nn.Embedding(vocab.size_in, cfg.d_model)
+        self.pos_emb = nn.Embedding(cfg.max_formula_len + 1, cfg.d_model)
+        self.blocks = LoopedTransformer(cfg)
+        self.norm = RMSNorm(cfg.d_model)
+        self.head = MTPHead(cfg.d_model, vocab.size_out, cfg.mtp_heads)
+
+    def forward(self, idx, legal):
+        """idx: (B, T) input ids (BOS first), legal: (B, T, V) -> log-probs (B, T, V), values (B, T)."""
+        pos = torch.arange(idx.shape[1], device=idx.device)
+        x = self.token_emb(idx) + self.pos_emb(pos)                                  # (B, T, C)
+        return self.head(self.norm(self.blocks(x)), legal)
+
+
+def newton_schulz_orth(W: torch.Tensor, steps: int) -> torch.Tensor:
+    """Approximate polar factor U V^T of W: Y = W / ||W||_F, then Y <- 0.5 Y (3I - Y^T Y) `steps` times."""
+    Y = W / (W.norm() + 1e-7)
+    eye = torch.eye(W.shape[1], device=W.device, dtype=W.dtype)
+    for _ in range(steps):
+        Y = 0.5 * Y @ (3 * eye - Y.T @ Y)
+    return Y
+
+
+class NewtonSchulzLowRankDecay:
+    """LoRD: after each optimiser step, W <- W - rate * NS(W) for the targeted 2-D weights. NS(W) ~ U V^T has
+    every singular value near 1, so the step shrinks small singular directions relatively the most."""
+
+    def __init__(self, named_parameters, decay_rate: float = 1e-3, num_iterations: int = 5,
+                 target_keywords: tuple[str, ...] = ("attn.qkv", "attn.proj")):
+        self.params = [p for name, p in named_parameters
+                       if p.ndim == 2 and any(name.endswith(k + ".weight") for k in target_keywords)]
+        if not self.params:
+            raise AlphaError(f"LoRD found no 2-D weights named *{target_keywords}.weight")
+        self.decay_rate, self.num_iterations = decay_rate, num_iterations
+
+    @torch.no_grad()
+    def step(self):
+        for W in self.params:
+            W.sub_(self.decay_rate * newton_schulz_orth(W.float(), self.num_iterations).to(W.dtype))
+
+
+class StableRankMonitor:
+    """Mean stable rank ||W||_F^2 / ||W||_2^2 of the targeted weights (the same ones LoRD decays)."""
+
+    def __init__(self, named_parameters, target_keywords: tuple[str, ...] = ("attn.qkv", "attn.proj")):
+        self.params = [p for name, p in named_parameters
+                       if p.ndim == 2 and any(name.endswith(k + ".weight") for k in target_keywords)]
+
+    @torch.no_grad()
+    def compute(self) -> float:
+        ranks = [(W.float().norm() ** 2 / torch.linalg.matrix_norm(W.float(), ord=2) ** 2).item()
+                 for W in self.params]
+        return float(np.mean(ranks)) if ranks else float("nan")
+
+
+# -----------------------------------------------------------------------------
+# data: the market frame, the synthetic market, cleaning
+
+
+FIELDS = ("open", "high", "low", "close", "volume", "liquidity", "fdv", "buy_volume", "sell_volume")
+PRICE_FIELDS = ("open", "high", "low", "close")
+FLOW_FIELDS = ("volume", "buy_volume", "sell_volume")   # a missing bar traded nothing: 0, not forward-filled
+
+
+@dataclass
+class MarketFrame:
+    addresses: list[str]
+    symbols: list[str]
+    times: np.ndarray       # (T,) int64 unix seconds, increasing
+    values: np.ndarray      # (len(FIELDS), N, T) float32
+
+    def field(self, name: str) -> np.ndarray:
+        return self.values[FIELDS.index(name)]
+
+
+def synthetic_market(n_tokens: int, n_bars: int, seed: int, signal_strength: float = 1.5) -> MarketFrame:
+    """A reproducible meme-coin market of 1-minute bars: Student-t (df 3) returns, per-token volatility,
+    pumps (a few bars of strong rises on heavy volume) followed by dumps, liquidity that follows price with
+    its own random walk (a few tokens dip below the default 5000 USD gate), and a weak planted signal:
+    the next bar's expected return is signal_strength x volatility x the bar's buy/sell pressure
+    tanh(3 (c - o) / (h - l)) (the PRESSURE feature), so strong bars are slightly more likely to continue."""
+    rng = np.random.default_rng(seed)
+    N, T = n_tokens, n_bars
+    sigma = rng.lognormal(math.log(0.012), 0.35, N)
+    liq_level = rng.lognormal(math.log(1.5e5), 1.2, N)
+    supply = rng.lognormal(math.log(1e9), 0.5, N)
+    shocks = rng.standard_t(3, (T, N)) / math.sqrt(3.0)            # unit variance, heavy tails
+    pump_left = np.zeros(N, dtype=int)
+    dump_left = np.zeros(N, dtype=int)
+    log_liq_walk = np.zeros(N)
+    pressure = np.zeros(N)
+    o, h, l, c, v, liq = (np.empty((T, N)) for _ in range(6))
+    price = rng.lognormal(math.log(1e-3), 1.0, N)
+    for t in range(T):
+        start = (pump_left == 0) & (dump_left == 0) & (rng.random(N) < 1 / 1500)
+        pump_left[start] = rng.integers(3, 8, start.sum())
+        pumping, dumping = pump_left > 0, dump_left > 0
+        r = sigma * (shocks[t] + signal_strength * pressure) + pumping * 0.04 - dumping * 0.12
+        dump_left = np.where(dumping, dump_left - 1, np.where(pump_left == 1, 3, 0))
+        pump_left = np.maximum(pump_left - 1, 0)
+        o[t] = price
+        price = price * np.exp(r)
+        c[t] = price
+        h[t] = np.maximum(o[t], c[t]) * np.exp(np.abs(rng.normal(0, 0.5, N)) * sigma)
+        l[t] = np.minimum(o[t], c[t]) * np.exp(-np.abs(rng.normal(0, 0.5, N)) * sigma)
+        pressure = np.tanh(3 * (c[t] - o[t]) / (h[t] - l[t]))
+        v[t] = liq_level * 0.02 * rng.lognormal(0, 0.6, N) * (1 + 3 * np.abs(r) / sigma + 10 * pumping)
+        log_liq_walk = 0.995 * log_liq_walk + rng.normal(0, 0.03, N)
+        liq[t] = liq_level * np.exp(log_liq_walk) * np.sqrt(c[t] / c[0]) * np.where(dumping, 0.7, 1.0)
+    buy_frac = 1 / (1 + np.exp(-(np.log(c / o) / sigma + rng.normal(0, 1, (T, N)))))
+    fdv = c * supply
+    values = np.stack([o, h, l, c, v, liq, fdv, v * buy_frac, v * (1 - buy_frac)]).transpose(0, 2, 1)
+    alphabet = np.array(list("123456789ABCDEFGHJKLMNPQRSTUVWXYZabcdefghijkmnopqrstuvwxyz"))
+    addresses = ["".join(rng.choice(alphabet, 44)) for _ in range(N)]
+    order = np.argsort(-liq.mean(axis=0), kind="stable")               # the loader's order: liquidity desc
+    times = 1704067200 + 60 * np.arange(T, dtype=np.int64)             # 2024-01-01 00:00 UTC, 1-minute bars
+    return MarketFrame([addresses[i] for i in order], [f"SYN{i:03d}" for i in order], times,
+                       values[:, order].astype(np.float32))
+
+
+def pivot_rows(token_idx: np.ndarray, times: np.ndarray, rows: np.ndarray, addresses: list[str],
+               symbols: list[str]) -> tuple[MarketFrame, int]:
+    """Long rows (token index, unix time, FIELDS...) -> a [field x token x time] frame, NaN where a token has
+    no bar. Duplicate (token, time) rows keep the last one; returns (frame, duplicates dropped)."""
+    uniq_times, t_idx = np.unique(times, return_inverse=True)
+    values = np.full((len(FIELDS), len(addresses), len(uniq_times)), np.nan, dtype=np.float32)
+    values[:, token_idx, t_idx] = rows.T.astype(np.float32)          # later rows overwrite earlier ones
+    n_dupes = len(token_idx) - len(np.unique(token_idx.astype(np.int64) * len(uniq_times) + t_idx))
+    return MarketFrame(list(addresses), list(symbols), uniq_times.astype(np.int64), values), n_dupes
+
+
+def _ffill(x: np.ndarray) -> np.ndarray:
+    """Forward-fill NaN along the last axis (vectorised)."""
+    idx = np.where(np.isnan(x), 0, np.arange(x.shape[-1]))
+    np.maximum.accumulate(idx, axis=-1, out=idx)
+    return np.take_along_axis(x, idx, axis=-1)
+
+
+def clean_market(frame: MarketFrame, n_dupes: int = 0) -> tuple[MarketFrame, str]:
+    """Make a frame safe for the factors and say what was fixed, in one report line:
+    - non-finite values, non-positive prices and negative volumes / liquidity / FDV become missing (NaN/Inf
+      are counted for prices only: the optional fields may legitimately be NULL);
+    - missing prices, liquidity and FDV are forward-filled (the seed's rule); before a token's first bar its
+      prices take the first known value while its liquidity stays 0, so nothing trades there;
+    - missing volumes are 0 (no trades in a gap); tokens without any price are dropped;
+    - zero liquidity is kept and blocks trading."""
+    vals = frame.values.astype(np.float32, copy=True)
+    present = ~np.isnan(vals).all(axis=0)                     # (N, T): the token has a row at this time
+    nonfinite = ~np.isfinite(vals)
+    price_rows = [FIELDS.index(f) for f in PRICE_FIELDS]
+    n_nonfinite = int((nonfinite[price_rows] & present).sum())    # optional fields may be NULL: not counted
+    vals[nonfinite] = np.nan
+    prices = vals[price_rows]
+    bad_price = prices <= 0
+    n_bad_price = int(bad_price.sum())
+    prices[bad_price] = np.nan
+    vals[price_rows] = prices
+    other_rows = [i for i, f in enumerate(FIELDS) if f not in PRICE_FIELDS]
+    negative = vals[other_rows] < 0                           # volumes, liquidity, FDV: missing, not negative
+    n_negative = int(negative.sum())
+    vals[other_rows] = np.where(negative, np.nan, vals[other_rows])
+    has_price = np.isfinite(vals[FIELDS.index("close")]).any(axis=1)
+    n_dropped = int((~has_price).sum())
+    vals = vals[:, has_price]
+    n_gaps = int((~present[has_price]).sum())
+    for i, name in enumerate(FIELDS):
+        if name in FLOW_FIELDS:
+            vals[i] = np.nan_to_num(vals[i], nan=0.0)
+            continue
+        vals[i] = _ffill(vals[i])
+        if name in PRICE_FIELDS:          # leading gap: the first known value, read backwards
+            vals[i] = _ffill(vals[i][:, ::-1])[:, ::-1]
+        vals[i] = np.nan_to_num(vals[i], nan=0.0)
+    n_bad_liq = int((vals[FIELDS.index("liquidity")] <= 0).sum())
+    vals[FIELDS.index("high")] = np.maximum(vals[FIELDS.index("high")], vals[[0, 3]].max(axis=0))
+    vals[FIELDS.index("low")] = np.minimum(vals[FIELDS.index("low")], vals[[0, 3]].min(axis=0))
+    keep = np.flatnonzero(has_price)
+    cleaned = MarketFrame([frame.addresses[i] for i in keep], [frame.symbols[i] for i in keep], frame.times, vals)
+    report = (f"data: {len(keep)} tokens x {len(frame.times)} bars | fixed: {n_nonfinite} NaN/Inf prices, "
+              f"{n_bad_price} non-positive prices, {n_negative} negative volume/liquidity/FDV values, "
+              f"{n_gaps} missing bars filled, {n_bad_liq} bars with "
+              f"zero/missing liquidity (no trading there), {n_dupes} duplicate (token, time) rows dropped, "
+              f"{n_dropped} tokens without prices dropped")
+    if len(keep) == 0 or len(frame.times) < 3:
+        raise AlphaError(f"no usable market data ({report})")
+    return cleaned, report
+
+
+@dataclass
+class MarketData:
+    """What the search needs, on the device: features, liquidity and the target return."""
+    feat: torch.Tensor        # (K, N, T)
+    liquidity: torch.Tensor   # (N, T)
+    target: torch.Tensor      # (N, T) log(open[t+2] / open[t+1]); the last two bars 0
+    feature_names: list[str]
+    symbols: list[str]
+
+    def split(self, start: int, end: int) -> "MarketData":
+        """Bars [start, end). The target's last two bars are zeroed: they would look past the slice."""
+        target = self.target[:, start:end].clone()
+        target[:, -2:] = 0
+        return MarketData(self.feat[:, :, start:end], self.liquidity[:, start:end], target,
+                          self.feature_names, self.symbols)
+
+
+def build_market_data(frame: MarketFrame, factors: str, device: torch.device) -> MarketData:
+    engineer = FACTOR_SETS[factors]
+    raw = {name: torch.from_numpy(frame.values[i]).to(device) for i, name in enumerate(FIELDS)}
+    feat = clean_values(engineer.compute_features(raw))
+    o = raw["open"].double()
+    target = torch.zeros_like(raw["open"])
+    target[:, :-2] = torch.log(o[:, 2:] / o[:, 1:-1]).float()
+    return MarketData(feat, raw["liquidity"], torch.nan_to_num(target), list(engineer.NAMES), frame.symbols)
+
+
+# -----------------------------------------------------------------------------
+# Postgres: schema, COPY ingest (idempotent), COPY load
+
+
+OHLCV_COLUMNS = ("address", "time") + FIELDS
+CSV_REQUIRED = ("address", "time", "open", "high", "low", "close")
+
+
+def _sql(template: str, schema: str):
+    from psycopg2 import sql
+    return sql.SQL(template).format(s=sql.Identifier(schema))
+
+
+def init_schema(conn, schema: str) -> None:
+    """Create the schema, tokens and ohlcv tables and their indexes (idempotent)."""
+    value_cols = ", ".join(f"{f} DOUBLE PRECISION" for f in FIELDS)
+    statements = [
+        "CREATE SCHEMA IF NOT EXISTS {s}",
+        "CREATE TABLE IF NOT EXISTS {s}.tokens (address TEXT PRIMARY KEY, symbol TEXT, name TEXT, decimals INT, "
+        "chain TEXT, liquidity DOUBLE PRECISION, last_updated TIMESTAMPTZ NOT NULL DEFAULT now())",
+        "CREATE TABLE IF NOT EXISTS {s}.ohlcv (address TEXT NOT NULL REFERENCES {s}.tokens (address), "
+        "time TIMESTAMPTZ NOT NULL, " + value_cols + ", PRIMARY KEY (address, time))",
+        "CREATE INDEX IF NOT EXISTS ohlcv_time_idx ON {s}.ohlcv (time)",
+        "CREATE INDEX IF NOT EXISTS tokens_liquidity_idx ON {s}.tokens (liquidity DESC NULLS LAST, address)",
+    ]
+    with conn.cursor() as cur:
+        for statement in statements:
+            cur.execute(_sql(statement, schema))
+    conn.commit()
+
+
+def ingest_csv(conn, schema: str, source, label: str) -> tuple[int, int]:
+    """COPY a CSV (header: address,time,open,high,low,close[,volume,liquidity,fdv,buy_volume,sell_volume,symbol];
+    time as ISO 8601, UTC unless it says otherwise) into a temp staging table, then INSERT ... ON CONFLICT
+    (address, time) DO NOTHING into ohlcv, so re-running adds no duplicates. New tokens are added to `tokens`
+    with the file's mean liquidity. A bad row fails the whole file with one message naming its line.
+    Returns (rows in the file, rows inserted)."""
+    import psycopg2
+    from psycopg2 import sql
+    header_line = source.readline()
+    header = [h.strip().lower() for h in header_line.lstrip("\ufeff").strip().split(",")]
+    allowed = set(OHLCV_COLUMNS) | {"symbol"}
+    unknown = [h for h in header if h not in allowed]
+    missing = [h for h in CSV_REQUIRED if h not in header]
+    if unknown or missing or len(set(header)) != len(header):
+        raise AlphaError(f"{label}: bad header {header_line.strip()!r}: needs {', '.join(CSV_REQUIRED)}; may add "
+                         f"{', '.join(sorted(allowed - set(CSV_REQUIRED)))}"
+                         + (f"; unknown {unknown}" if unknown else "") + (f"; missing {missing}" if missing else ""))
+    value_cols = ", ".join(f"{f} DOUBLE PRECISION" + (" NOT NULL" if f in PRICE_FIELDS else "") for f in FIELDS)
+    cols = sql.SQL(", ").join(map(sql.Identifier, header))
+    with conn.cursor() as cur:
+        try:
+            cur.execute("CREATE TEMP TABLE alphagpt_stage (address TEXT NOT NULL, time TIMESTAMPTZ NOT NULL, "
+                        + value_cols + ", symbol TEXT) ON COMMIT DROP")
+            cur.copy_expert(sql.SQL("COPY alphagpt_stage ({}) FROM STDIN WITH (FORMAT csv)").format(cols), source)
+        except psycopg2.Error as exc:
+            conn.rollback()
+            where = re.search(r"line (\d+)(?:, column (\w+))?", exc.diag.context or "")
+            at = f"line {int(where[1]) + 1}" + (f", column {where[2]}" if where[2] else "") if where else "COPY"
+            raise AlphaError(f"{label}: bad row at {at}: {exc.diag.message_primary}; nothing was loaded") from None
+        cur.execute("SELECT count(*) FROM alphagpt_stage")
+        n_rows = cur.fetchone()[0]
+        cur.execute(_sql("INSERT INTO {s}.tokens (address, symbol, liquidity) SELECT address, max(symbol), "
+                         "avg(liquidity) FROM alphagpt_stage GROUP BY address ON CONFLICT (address) DO UPDATE SET "
+                         "symbol = COALESCE(EXCLUDED.symbol, tokens.symbol), "
+                         "liquidity = COALESCE(EXCLUDED.liquidity, tokens.liquidity), last_updated = now()", schema))
+        fields = ", ".join(OHLCV_COLUMNS)
+        cur.execute(_sql(f"INSERT INTO {{s}}.ohlcv ({fields}) SELECT DISTINCT ON (address, time) {fields} "
+                         "FROM alphagpt_stage ORDER BY address, time ON CONFLICT (address, time) DO NOTHING", schema))
+        n_inserted = cur.rowcount
+    conn.commit()
+    return n_rows, n_inserted
+
+
+def frame_to_csv(frame: MarketFrame) -> io.StringIO:
+    """The frame as ingest_csv's CSV (with symbols), floats at 9 significant digits (exact for float32)."""
+    N, T = len(frame.addresses), len(frame.times)
+    numbers = io.StringIO()
+    np.savetxt(numbers, frame.values.reshape(len(FIELDS), N * T).T, fmt="%.9g", delimiter=",")
+    stamps = np.datetime_as_string(frame.times.astype("datetime64[s]")) + "Z"
+    quoted = ['"' + s.replace('"', '""') + '"' for s in frame.symbols]
+    prefixes = [f'"{frame.addresses[i]}",{stamps[t]},{quoted[i]},' for i in range(N) for t in range(T)]
+    lines = numbers.getvalue().splitlines()
+    out = io.StringIO()
+    out.write("address,time,symbol," + ",".join(FIELDS) + "\n")
+    out.writelines(p + line + "\n" for p, line in zip(prefixes, lines))
+    out.seek(0)
+    return out
+
+
+def select_tokens(conn, schema: str, limit_tokens: int) -> tuple[list[str], list[str]]:
+    """The top limit_tokens tokens by liquidity, kept server-side in temp table alphagpt_sel(idx, address)."""
+    with conn.cursor() as cur:
+        quoted = '"' + schema.replace('"', '""') + '"'
+        cur.execute("SELECT to_regclass(%s), to_regclass(%s)", (quoted + ".tokens", quoted + ".ohlcv"))
+        if None in cur.fetchone():
+            raise AlphaError(f"no tokens / ohlcv tables in schema {schema}: create them with --init-db, then load "
+                             "data (--ingest FILE.csv or --seed-synthetic)")
+        cur.execute("DROP TABLE IF EXISTS alphagpt_sel")
+        cur.execute(_sql("CREATE TEMP TABLE alphagpt_sel AS SELECT (row_number() OVER w - 1)::int AS idx, address, "
+                         "COALESCE(symbol, '') AS symbol FROM {s}.tokens WINDOW w AS (ORDER BY liquidity DESC NULLS "
+                         "LAST, address) ORDER BY idx LIMIT %s", schema), (limit_tokens,))
+        cur.execute("SELECT address, symbol FROM alphagpt_sel ORDER BY idx")
+        rows = cur.fetchall()
+    if not rows:
+        raise AlphaError(f"No tokens found in {schema}.tokens: load data first (--ingest FILE.csv or --seed-synthetic)")
+    return [r[0] for r in rows], [r[1] for r in rows]
+
+
+# every column NOT NULL and fixed-width (NULL -> NaN), so each binary COPY row has the same layout
+LOAD_QUERY = ("SELECT s.idx, extract(epoch FROM o.time)::bigint, "
+              + ", ".join(f"COALESCE(o.{f}, 'NaN')::float8" for f in FIELDS)
+              + " FROM {s}.ohlcv o JOIN alphagpt_sel s USING (address)")
+# a binary COPY row: int16 field count, then per field int32 byte length + big-endian value
+COPY_ROW = np.dtype([("n", ">i2"), ("idx_len", ">i4"), ("idx", ">i4"), ("time_len", ">i4"), ("time", ">i8")]
+                    + [x for f in FIELDS for x in ((f + "_len", ">i4"), (f, ">f8"))])
+COPY_HEADER = b"PGCOPY\n\xff\r\n\x00"
+
+
+def parse_binary_copy(data: bytes) -> np.ndarray:
+    """Rows of COPY (LOAD_QUERY) TO STDOUT (FORMAT binary) -> (rows, 2 + len(FIELDS)) float64, no Python loop."""
+    if not data.startswith(COPY_HEADER):
+        raise AlphaError("unexpected COPY BINARY stream from Postgres")
+    start = 19 + int.from_bytes(data[15:19], "big")                  # signature, flags, header extension
+    body = data[start:-2]                                            # the trailer is int16 -1
+    if len(body) % COPY_ROW.itemsize:
+        raise AlphaError("unexpected COPY BINARY row layout from Postgres")
+    rec = np.frombuffer(body, dtype=COPY_ROW)
+    return np.column_stack([rec["idx"], rec["time"]] + [rec[f] for f in FIELDS]).astype(np.float64)
+
+
+def load_frame(conn, schema: str, limit_tokens: int, use_copy: bool = True) -> tuple[MarketFrame, int]:
+    """Top tokens' candles pivoted to [field x token x time] (NaN where a token has no bar). The rows come
+    through COPY TO STDOUT in binary format (one byte stream read by numpy as fixed-width records), or with
+    use_copy=False through a plain SELECT + fetchall (kept for --bench). Returns (frame, duplicate rows)."""
+    addresses, symbols = select_tokens(conn, schema, limit_tokens)
+    with conn.cursor() as cur:
+        if use_copy:
+            buf = io.BytesIO()
+            cur.copy_expert(_sql("COPY (" + LOAD_QUERY + ") TO STDOUT WITH (FORMAT binary)", schema), buf)
+            rows = parse_binary_copy(buf.getvalue())
+            rows = rows if len(rows) else None
+        else:
+            cur.execute(_sql(LOAD_QUERY, schema))
+            fetched = cur.fetchall()
+            rows = np.array(fetched, dtype=np.float64).reshape(len(fetched), -1) if fetched else None
+    conn.commit()
+    if rows is None:
+        raise AlphaError(f"{schema}.ohlcv has no candles for the selected tokens")
+    return pivot_rows(rows[:, 0].astype(np.int64), rows[:, 1].astype(np.int64), rows[:, 2:], addresses, symbols)
+
+
+def load_market(cfg: AlphaConfig, seed: int | None = None) -> tuple[MarketFrame, str]:
+    """Postgres when a DSN is configured, else the synthetic market; cleaned, with a report line."""
+    dsn = resolve_dsn(cfg)
+    if not dsn:
+        frame = synthetic_market(cfg.synthetic_tokens, cfg.synthetic_bars, cfg.seed if seed is None else seed)
+        cleaned, report = clean_market(frame)
+        return cleaned, f"synthetic market (seed {cfg.seed if seed is None else seed}) | {report}"
+    conn = connect(dsn)
+    try:
+        frame, n_dupes = load_frame(conn, cfg.db_schema, cfg.limit_tokens)
+    finally:
+        conn.close()
+    cleaned, report = clean_market(frame, n_dupes)
+    return cleaned, f"postgres {mask_secret(dsn, dsn)} schema {cfg.db_schema} | {report}"
+
+
+# -----------------------------------------------------------------------------
+# backtest
+
+
+class MemeBacktest:
+    """The seed's meme-coin scorer, vectorised over (formulas, tokens, time). For factor f of one formula:
+
+        pos_t    = 1[sigmoid(f_t) > 0.85] * 1[liq_t > min_liquidity]      (decided at bar t's close;
+                                                                      computed as f_t > logit(0.85))
+        impact_t = min(trade_size_usd / liq_t, 0.05)
+        cost_t   = |pos_t - pos_{t-1}| * (base_fee + impact_t)             (pos_{-1} = 0)
+        pnl_t    = pos_t * ret_t - cost_t,   ret_t = log(open[t+2] / open[t+1])
+        score    = sum_t pnl_t - 2 * #{t : pnl_t < -0.05}                  (drawdown penalty)
+        score    = -10 if the token has fewer than 5 trades (entries, pos 0 -> 1)
+        fitness  = median of score over tokens;  also returned: mean over tokens of sum_t pnl_t."""
+
+    def __init__(self, trade_size_usd: float, min_liquidity: float, base_fee: float, entry: float = 0.85,
+                 drawdown_threshold: float = 0.05, drawdown_penalty: float = 2.0, min_trades: int = 5,
+                 inactive_score: float = -10.0):
+        self.trade_size_usd, self.min_liquidity, self.base_fee = trade_size_usd, min_liquidity, base_fee
+        self.entry, self.drawdown_threshold, self.drawdown_penalty = entry, drawdown_threshold, drawdown_penalty
+        self.min_trades, self.inactive_score = min_trades, inactive_score
+        self.entry_logit = math.log(entry / (1 - entry))      # sigmoid(f) > entry  <=>  f > logit(entry)
+
+    def token_scores(self, factors: torch.Tensor, liquidity: torch.Tensor, target_ret: torch.Tensor):
+        """factors: (F, N, T), liquidity / target_ret: (N, T) -> scores (F, N), cumulative pnl (F, N)."""
+        tradable = liquidity > self.min_liquidity                                # (N, T)
+        cost = self.base_fee + (self.trade_size_usd / liquidity).clamp(max=0.05)  # (N, T); liq 0 -> impact 0.05
+        pos = (factors > self.entry_logit) & tradable                             # (F, N, T) bool
+        change = pos.clone()                                                      # pos_t != pos_{t-1}
+        change[..., 1:] ^= pos[..., :-1]
+        pnl = torch.where(pos, target_ret, 0.0) - torch.where(change, cost, 0.0)  # (F, N, T)
+        cum = pnl.sum(-1)                                                         # (F, N)
+        big_losses = (pnl < -self.drawdown_threshold).sum(-1)
+        trades = (change & pos).sum(-1)                                           # entries
+        score = cum - self.drawdown_penalty * big_losses
+        score = torch.where(trades < self.min_trades, torch.full_like(score, self.inactive_score), score)
+        return score, cum
+
+    def evaluate(self, factors: torch.Tensor, liquidity: torch.Tensor, target_ret: torch.Tensor):
+        """factors: (N, T) or (F, N, T) -> (fitness, mean cumulative pnl), floats or (F,) tensors."""
+        single = factors.dim() == 2
+        score, cum = self.token_scores(factors.unsqueeze(0) if single else factors, liquidity, target_ret)
+        fitness, mean_ret = score.median(dim=-1).values, cum.mean(-1)
+        return (fitness.item(), mean_ret.item()) if single else (fitness, mean_ret)
+
+
+# -----------------------------------------------------------------------------
+# the engine: sample formulas, score them, REINFORCE
+
+
+INVALID_REWARD, DEGENERATE_REWARD = -5.0, -2.0
+
+
+@torch.no_grad()
+def sample_formulas(vocab: FormulaVocab, max_len: int, n: int, device, model: AlphaGPT | None = None,
+                    generator: torch.Generator | None = None) -> torch.Tensor:
+    """n formulas under the grammar mask, from the policy, or uniformly over legal tokens when model is None.
+    Returns (n, max_len) token ids, END-padded; every formula is executable."""
+    idx = torch.full((n, 1), vocab.bos, dtype=torch.long, device=device)
+    depth = torch.zeros(n, dtype=torch.long, device=device)
+    done = torch.zeros(n, dtype=torch.bool, device=device)
+    delta = vocab.delta.to(device)
+    legal_all = []
+    for p in range(max_len):
+        legal = vocab.legal_mask(depth, p, done, max_len)                        # (n, V)
+        legal_all.append(legal)
+        if model is None:
+            probs = legal.float()
+        else:
+            logp, _ = model(idx, torch.stack(legal_all, dim=1))
+            probs = logp[:, -1].exp() * legal
+        tok = torch.multinomial(probs, 1, generator=generator).squeeze(1)
+        depth = depth + torch.where(done, 0, delta[tok])
+        done = done | (tok == vocab.end)
+        idx = torch.cat([idx, tok[:, None]], dim=1)
+    return idx[:, 1:]
+
+
+def random_valid_scores(engine: "AlphaEngine", n: int, seed: int, data: MarketData) -> np.ndarray:
+    """Out-of-sample style baseline: fitness of n uniformly sampled grammar-valid, non-degenerate formulas."""
+    gen = torch.Generator(device=engine.device).manual_seed(seed)
+    tokens = sample_formulas(engine.vocab, engine.cfg.max_formula_len, n, engine.device, generator=gen)
+    rewards, ok = engine.score_formulas(tokens, data)
+    return rewards[ok].cpu().numpy()
+
+
+class AlphaEngine:
+    """Loads nothing itself: give it a cleaned MarketFrame. Splits time into train / held-out test, builds the
+    policy, optimiser, LoRD, stable-rank monitor, VM and backtest, and trains with REINFORCE:
+    reward = -5 for an invalid formula, -2 for a degenerate one (factor std < 1e-4), else the backtest fitness;
+    advantage normalised over the batch (see advantages());
+    loss = mean_f[-adv_f * sum_t log p(tok_t)] - entropy_coef * entropy + value_coef * huber(value, r)."""
+
+    def __init__(self, cfg: AlphaConfig, frame: MarketFrame):
+        self.cfg = cfg
+        self.device = pick_device(cfg.device)
+        if cfg.factors not in FACTOR_SETS:
+            raise AlphaError(f"unknown --factors {cfg.factors!r}: expected one of {sorted(FACTOR_SETS)}")
+        data = build_market_data(frame, cfg.factors, self.device)
+        T = data.feat.shape[-1]
+        split = int(round(T * (1 - cfg.test_frac)))
+        if split < 20 or T - split < 20:
+            raise AlphaError(f"cannot split {T} bars with --test-frac {cfg.test_frac}: each part needs >= 20 bars")
+        self.data, self.train_data, self.test_data = data, data.split(0, split), data.split(split, T)
+        self.vocab = FormulaVocab(data.feature_names)
+        self.vm = StackVM(self.vocab)
+        self.backtest = MemeBacktest(cfg.trade_size_usd, cfg.min_liquidity, cfg.base_fee)
+        self.model = AlphaGPT(cfg, self.vocab).to(self.device)
+        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=cfg.lr)
+        self.lord = (NewtonSchulzLowRankDecay(self.model.named_parameters(), cfg.lord_decay_rate,
+                                              cfg.lord_num_iterations) if cfg.use_lord else None)
+        self.rank_monitor = StableRankMonitor(self.model.named_parameters()) if cfg.use_rank_monitor else None
+        self.step = 0
+        self.best = {"score": -math.inf, "tokens": [], "step": -1}
+        self.history: list[dict] = []
+
+    def score_formulas(self, tokens: torch.Tensor, data: MarketData) -> tuple[torch.Tensor, torch.Tensor]:
+        """Rewards (F,) and a mask of valid, non-degenerate formulas. Chunks of eval_chunk formulas go through
+        the batched VM together; each distinct formula is backtested once."""
+        rewards, usable = [], []
+        for chunk in tokens.split(self.cfg.eval_chunk):
+            values, index = self.vm.evaluate_unique(chunk, data.feat)                    # (U, N, T), (f,)
+            # one std per formula: on CPU, PyTorch's std(dim=1) over (U, N*T) is ~5x slower than this loop
+            degenerate = torch.stack([v.std() for v in values]) < 1e-4                   # (U,)
+            fitness, _ = self.backtest.evaluate(values, data.liquidity, data.target)       # (U,)
+            reward = torch.where(degenerate, DEGENERATE_REWARD, fitness)
+            valid = index >= 0
+            rewards.append(torch.where(valid, reward[index.clamp(min=0)], INVALID_REWARD))
+            usable.append(valid & ~degenerate[index.clamp(min=0)])
+        return torch.cat(rewards), torch.cat(usable)
+
+    def score_one(self, tokens: list[int], data: MarketData) -> dict:
+        """Score one formula the seed's way (VM, then backtest)."""
+        factors = self.vm.execute(tokens, data.feat)
+        if factors is None:
+            return {"score": INVALID_REWARD, "mean_return": 0.0, "valid": False}
+        if factors.std() < 1e-4:
+            return {"score": DEGENERATE_REWARD, "mean_return": 0.0, "valid": True}
+        fitness, mean_ret = self.backtest.evaluate(factors, data.liquidity, data.target)
+        return {"score": fitness, "mean_return": mean_ret, "valid": True}
+
+    def advantages(self, rewards: torch.Tensor) -> torch.Tensor:
+        """(F,) -> (F,). risk_quantile 0: the seed's (r - mean) / (std + 1e-5). risk_quantile q > 0 (default):
+        risk-seeking REINFORCE, max(r - quantile_q(r), 0) / (std + 1e-5): the search keeps the best formula,
+        so the policy is pushed towards the batch's top tail instead of its average."""
+        if self.cfg.risk_quantile > 0:
+            return (rewards - torch.quantile(rewards, self.cfg.risk_quantile)).clamp(min=0) / (rewards.std() + 1e-5)
+        return (rewards - rewards.mean()) / (rewards.std() + 1e-5)
+
+    def policy_loss(self, tokens: torch.Tensor, rewards: torch.Tensor) -> tuple[torch.Tensor, dict]:
+        B, L = tokens.shape
+        inputs = torch.cat([torch.full((B, 1), self.vocab.bos, device=tokens.device), tokens[:, :-1]], dim=1)
+        logp, values = self.model(inputs, self.vocab.grammar_masks(tokens, L))        # (B, L, V), (B, L)
+        ended = (tokens == self.vocab.end).long().cumsum(1)
+        live = ((ended == 0) | ((ended == 1) & (tokens == self.vocab.end))).float()   # up to and incl. END
+        tok_logp = logp.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)                 # (B, L)
+        adv = self.advantages(rewards)
+        pg = -((tok_logp * live).sum(1) * adv).mean()
+        entropy = ((-(logp.exp() * logp).sum(-1)) * live).sum() / live.sum()
+        value_loss = (F.smooth_l1_loss(values, rewards[:, None].expand_as(values), reduction="none") * live).sum() \
+            / live.sum()
+        loss = pg - self.cfg.entropy_coef * entropy + self.cfg.value_coef * value_loss
+        return loss, {"entropy": entropy.item(), "value_loss": value_loss.item()}
+
+    def train_step(self) -> dict:
+        self.model.train()
+        tokens = sample_formulas(self.vocab, self.cfg.max_formula_len, self.cfg.batch_size, self.device, self.model)
+        rewards, usable = self.score_formulas(tokens, self.train_data)
+        if usable.any():
+            i = int(torch.where(usable, rewards, -math.inf).argmax())
+            if rewards[i].item() > self.best["score"]:
+                self.best = {"score": rewards[i].item(), "tokens": tokens[i].tolist(), "step": self.step}
+        loss, stats = self.policy_loss(tokens, rewards)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
+        self.optimizer.step()
+        if self.lord is not None:
+            self.lord.step()
+        record = {"step": self.step, "loss": loss.item(), "mean_reward": rewards.mean().item(),
+                  "usable_frac": usable.float().mean().item(),
+                  "best_score": self.best["score"] if self.best["tokens"] else None, **stats}
+        if self.rank_monitor is not None and self.step % self.cfg.rank_every == 0:
+            record["stable_rank"] = self.rank_monitor.compute()
+        self.step += 1
+        self.history.append(record)
+        return record
+
+    def best_strategy(self) -> dict:
+        tokens = self.best["tokens"]
+        if not tokens:
+            return {"tokens": [], "formula": None, "factors": self.cfg.factors, "train_score": None,
+                    "found_at_step": None, "test": None}
+        return {"tokens": self.vocab.decode(tokens), "formula": self.vocab.infix(tokens),
+                "factors": self.cfg.factors, "train_score": self.best["score"], "found_at_step": self.best["step"],
+                "test": self.score_one(tokens, self.test_data)}
+
+    def state(self) -> dict:
+        config = dataclasses.asdict(dataclasses.replace(self.cfg, db=strip_password(self.cfg.db)))
+        return {"config": config, "model": self.model.state_dict(),
+                "optimizer": self.optimizer.state_dict(), "step": self.step, "best": self.best,
+                "history": self.history, "rng": torch.get_rng_state()}
+
+    def load_state(self, ckpt: dict) -> None:
+        try:
+            self.model.load_state_dict(ckpt["model"])
+            self.optimizer.load_state_dict(ckpt["optimizer"])
+            self.step, self.best, self.history = ckpt["step"], ckpt["best"], ckpt["history"]
+            torch.set_rng_state(ckpt["rng"])
+        except (KeyError, RuntimeError, ValueError, TypeError) as exc:
+            raise AlphaError(f"checkpoint does not fit this model (changed --d-model, --factors, ...?): "
+                             f"{' '.join(str(exc).split())[:300]}") from None
+
+    def save_outputs(self, out_dir: Path) -> None:
+        atomic_save(self.state(), out_dir / "ckpt.pt")
+        atomic_write_bytes(json.dumps(self.best_strategy(), indent=2).encode(), out_dir / "best_meme_strategy.json")
+        atomic_write_bytes(json.dumps(self.history).encode(), out_dir / "training_history.json")
+
+    def train(self, out_dir: Path) -> dict:
+        """Run the remaining steps with a progress bar; checkpoint and outputs every ckpt_every steps."""
+        out_dir.mkdir(parents=True, exist_ok=True)
+        bar = tqdm(range(self.step, self.cfg.train_steps), desc="alphagpt", initial=self.step,
+                   total=self.cfg.train_steps, dynamic_ncols=True)
+        for _ in bar:
+            rec = self.train_step()
+            bar.set_postfix(reward=f"{rec['mean_reward']:.2f}", best=f"{self.best['score']:.3f}",
+                            ok=f"{rec['usable_frac']:.2f}")
+            if "stable_rank" in rec:
+                tqdm.write(f"step {rec['step']}: stable rank {rec['stable_rank']:.2f}")
+            if self.step % self.cfg.ckpt_every == 0:
+                self.save_outputs(out_dir)
+        self.save_outputs(out_dir)
+        return self.best_strategy()
+
+
+# -----------------------------------------------------------------------------
+# benchmark
+
+
+def _timed(fn):
+    start = time.perf_counter()
+    result = fn()
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    return result, time.perf_counter() - start
+
+
+def bench(cfg: AlphaConfig, n_formulas: int, n_one_by_one: int) -> None:
+    """Formulas scored per second, batched (execute_batch + vectorised backtest) vs one by one (the seed's
+    loop: execute + backtest per formula), on the same synthetic data and formulas; then Postgres load time,
+    COPY TO STDOUT vs SELECT + fetchall, on the same synthetic market in a scratch schema."""
+    if not 1 <= n_one_by_one <= n_formulas:
+        raise AlphaError("--bench-one-by-one must be in [1, --bench-formulas]")
+    frame, report = clean_market(synthetic_market(cfg.synthetic_tokens, cfg.synthetic_bars, cfg.seed))
+    print(f"synthetic market (seed {cfg.seed}) | {report}")
+    engine = AlphaEngine(cfg, frame)
+    data = engine.train_data
+    gen = torch.Generator(device=engine.device).manual_seed(cfg.seed)
+    tokens = sample_formulas(engine.vocab, cfg.max_formula_len, n_formulas, engine.device, generator=gen)
+    engine.score_formulas(tokens[: cfg.eval_chunk], data)                          # warm-up
+    (batched, _), t_batched = _timed(lambda: engine.score_formulas(tokens, data))
+    subset = tokens[:n_one_by_one]
+    one_by_one, t_one = _timed(lambda: [engine.score_one(t.tolist(), data)["score"] for t in subset])
+    diff = (batched[:n_one_by_one].cpu() - torch.tensor(one_by_one)).abs().max().item()
+    rate_b, rate_1 = n_formulas / t_batched, len(subset) / t_one
+    K, N, T = data.feat.shape
+    print(f"formula evaluation on {N} tokens x {T} bars, {engine.device}, {torch.get_num_threads()} threads, "
+          f"max_formula_len {cfg.max_formula_len}, eval_chunk {cfg.eval_chunk}")
+    print(f"  batched    : {n_formulas:5d} formulas in {t_batched:7.2f} s = {rate_b:9.1f} formulas/s")
+    print(f"  one by one : {len(subset):5d} formulas in {t_one:7.2f} s = {rate_1:9.1f} formulas/s")
+    print(f"  speed-up   : {rate_b / rate_1:.1f}x   (max |score difference| {diff:.2e})")
+    dsn = resolve_dsn(cfg)
+    if not dsn:
+        print("postgres: skipped (no --db and no DB_* variables)")
+        return
+    try:
+        conn = connect(dsn)
+    except AlphaError as exc:
+        print(f"postgres: skipped ({exc})")
+        return
+    schema = f"alphagpt_bench_{uuid.uuid4().hex[:12]}"
+    try:
+        init_schema(conn, schema)
+        ingest_csv(conn, schema, frame_to_csv(frame), "synthetic market")
+        times = {}
+        for use_copy in (True, False):
+            runs = [_timed(lambda: load_frame(conn, schema, len(frame.addresses), use_copy)) for _ in range(3)]
+            times[use_copy] = min(t for _, t in runs)
+            if not np.array_equal(runs[0][0][0].values, frame.values):
+                raise AlphaError("bench: the frame loaded from Postgres differs from the one written")
+        rows = len(frame.addresses) * len(frame.times)
+        print(f"postgres load of {rows} candles ({len(frame.addresses)} tokens), best of 3, pivot included:")
+        print(f"  COPY TO STDOUT   : {times[True]:.3f} s")
+        print(f"  SELECT fetchall  : {times[False]:.3f} s")
+        print(f"  speed-up         : {times[False] / times[True]:.1f}x")
+    finally:
+        conn.rollback()
+        with conn.cursor() as cur:
+            cur.execute(_sql("DROP SCHEMA IF EXISTS {s} CASCADE", schema))
+        conn.commit()
+        conn.close()
+
+
+# -----------------------------------------------------------------------------
+# CLI
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse, but a bad flag is one error line (the full usage is in --help)."""
+
+    def error(self, message):
+        self.exit(2, f"alphagpt: error: {message} (see --help)\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = OneLineParser(
+        description="AlphaGPT: formula search with a transformer policy, a stack VM, a meme-coin backtest and "
+                    "REINFORCE. With no database configured it trains on a built-in synthetic market; outputs go "
+                    "to --out-dir.",
+        epilog="Modes: plain run = train; --init-db / --ingest / --seed-synthetic write to the database; "
+               "--eval-formula and --bench only read. CSV for --ingest: header address,time,open,high,low,close"
+               "[,volume,liquidity,fdv,buy_volume,sell_volume,symbol], time in ISO 8601 (UTC unless it says "
+               "otherwise); re-running it adds no duplicates.")
+    parser.add_argument("--init-db", action="store_true", help="create the schema, tables and indexes, then exit")
+    parser.add_argument("--ingest", metavar="FILE.csv", help="COPY-load OHLCV rows from a CSV (idempotent), then exit")
+    parser.add_argument("--seed-synthetic", action="store_true", help="write the synthetic market (--synthetic-tokens, "
+                        "--synthetic-bars, --seed) into the database, then exit")
+    parser.add_argument("--eval-formula", metavar="FILE", help="score a saved best_meme_strategy.json on the data "
+                        "(full period, train part, held-out part), then exit")
+    parser.add_argument("--bench", action="store_true", help="print formulas/s batched vs one by one, and Postgres "
+                        "COPY vs SELECT load time when a DB is configured, then exit")
+    parser.add_argument("--bench-formulas", type=int, default=512, help="formulas scored batched in --bench")
+    parser.add_argument("--bench-one-by-one", type=int, default=128, help="formulas scored one by one in --bench")
+    parser.add_argument("--resume", action="store_true", help="continue from OUT_DIR/ckpt.pt (flags given now "
+                        "override the checkpoint's config; its DSN is stored without the password, so give --db "
+                        "again if the database needs one)")
+    defaults = AlphaConfig()
+    for f in dataclasses.fields(AlphaConfig):
+        flag = "--" + f.name.replace("_", "-")
+        help_text = f"{FIELD_HELP[f.name]} (default: {getattr(defaults, f.name)!r})"
+        if f.type is bool:
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=help_text)
+        else:
+            parser.add_argument(flag, type=f.type, default=None, help=help_text,
+                                choices=sorted(FACTOR_SETS) if f.name == "factors" else None)
+    return parser
+
+
+def run_db_commands(cfg: AlphaConfig, args: argparse.Namespace) -> None:
+    dsn = resolve_dsn(cfg)
+    if not dsn:
+        raise AlphaError("--init-db / --ingest / --seed-synthetic need --db or the DB_HOST / DB_NAME variables")
+    if args.ingest and not Path(args.ingest).is_file():
+        raise AlphaError(f"{args.ingest}: CSV file not found")
+    conn = connect(dsn)
+    try:
+        init_schema(conn, cfg.db_schema)
+        print(f"schema {cfg.db_schema} ready at {mask_secret(dsn, dsn)}")
+        if args.ingest:
+            try:
+                with open(args.ingest, newline="", encoding="utf-8") as f:
+                    n_rows, n_new = ingest_csv(conn, cfg.db_schema, f, args.ingest)
+            except UnicodeDecodeError as exc:
+                raise AlphaError(f"{args.ingest}: not UTF-8 text (byte {exc.start}); nothing was loaded") from None
+            print(f"ingest {args.ingest}: {n_rows} rows read, {n_new} inserted, {n_rows - n_new} already present")
+        if args.seed_synthetic:
+            frame = synthetic_market(cfg.synthetic_tokens, cfg.synthetic_bars, cfg.seed)
+            n_rows, n_new = ingest_csv(conn, cfg.db_schema, frame_to_csv(frame), "synthetic market")
+            print(f"synthetic market: {len(frame.addresses)} tokens, {n_rows} rows, {n_new} inserted")
+    finally:
+        conn.close()
+
+
+def eval_formula(cfg: AlphaConfig, path: str) -> dict:
+    try:
+        saved = json.loads(Path(path).read_text())
+        names, factors = list(saved["tokens"]), saved.get("factors", cfg.factors)
+    except (json.JSONDecodeError, KeyError, TypeError) as exc:
+        raise AlphaError(f"{path}: not a best_meme_strategy.json ({exc})") from None
+    frame, report = load_market(cfg)
+    print(report)
+    engine = AlphaEngine(dataclasses.replace(cfg, factors=factors), frame)
+    ids = engine.vocab.encode(names)
+    result = {"formula": engine.vocab.infix(ids), "factors": factors}
+    for part, data in (("full", engine.data), ("train", engine.train_data), ("test", engine.test_data)):
+        result[part] = engine.score_one(ids, data)
+    print(json.dumps(result, indent=2))
+    return result
+
+
+def train(cfg: AlphaConfig, explicit: dict, resume: bool) -> dict:
+    out_dir = Path(cfg.out_dir)
+    ckpt_path = out_dir / "ckpt.pt"
+    ckpt = None
+    if resume:
+        ckpt, saved_cfg = load_checkpoint(ckpt_path, AlphaConfig)
+        cfg = dataclasses.replace(saved_cfg, **explicit)
+    elif ckpt_path.exists():
+        raise AlphaError(f"{ckpt_path} exists: pass --resume to continue it, or choose another --out-dir")
+    seed_everything(cfg.seed)
+    frame, report = load_market(cfg)
+    print(report)
+    engine = AlphaEngine(cfg, frame)
+    if ckpt is not None:
+        engine.load_state(ckpt)
+    print(f"train bars {engine.train_data.feat.shape[-1]}, held-out bars {engine.test_data.feat.shape[-1]}, "
+          f"features {engine.vocab.features}, device {engine.device}")
+    best = engine.train(out_dir)
+    if best["test"] is None:
+        print(f"no valid, non-degenerate formula found; outputs written to {out_dir}")
+    else:
+        print(f"best formula: {best['formula']}\n  train score {best['train_score']:.4f} | held-out score "
+              f"{best['test']['score']:.4f} | written to {out_dir / 'best_meme_strategy.json'}")
+    return best
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    explicit = {f.name: getattr(args, f.name) for f in dataclasses.fields(AlphaConfig)
+                if getattr(args, f.name) is not None}
+    db_errors: tuple = ()
+    try:
+        import psycopg2
+        db_errors = (psycopg2.Error,)
+    except ImportError:
+        pass
+    try:
+        cfg = AlphaConfig(**explicit)
+        if cfg.threads > 0:
+            torch.set_num_threads(cfg.threads)
+        if args.init_db or args.ingest or args.seed_synthetic:
+            run_db_commands(cfg, args)
+        elif args.bench:
+            bench(cfg, args.bench_formulas, args.bench_one_by_one)
+        elif args.eval_formula:
+            eval_formula(cfg, args.eval_formula)
+        else:
+            train(cfg, explicit, args.resume)
+    except (ValueError, OSError, *db_errors) as exc:
+        message = mask_secret(" ".join(str(exc).split()), explicit.get("db", ""))
+        raise SystemExit(f"alphagpt: error: {message}") from None
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1323 @@
+"""
+CaMoE: a capital-driven mixture-of-experts language model on an RWKV-7 backbone, in one file.
+
+Each block runs RWKV-7 time mixing (plus an optional DeepEmbedAttention branch on the same input), then
+routes every token to its top-2 experts through a market: experts bid for tokens, the two highest bids win,
+both winners pay the third-highest bid, and experts earn back money in proportion to the value they added
+to the tokens they served. Capital feeds back into the bids, so experts that help win more tokens; a tax,
+a floor and a ceiling keep any expert from dying or owning the market. There is no auxiliary balance loss.
+
+    python camoe.py --size tiny                       # CPU, trains on the standard library's source
+    python camoe.py --size 0.4b --data-path data.jsonl
+    torchrun --nproc_per_node 8 camoe.py --size 0.4b --data-roots a.jsonl b_text_document --mix 0.7 0.3
+    python camoe.py --resume --out-dir runs/camoe     # continue exactly where the last checkpoint stopped
+    python camoe.py --bench --size tiny               # tokens/s: market vs softmax top-2 vs dense RWKV-7
+
+Layout of this file: config, building blocks (time mixing, DEA, experts, bridge), the market (critic,
+router, capital), the model, data, training, CLI.
+"""
+
+import argparse
+import dataclasses
+import functools
+import glob
+import hashlib
+import inspect
+import json
+import math
+import os
+import signal
+import struct
+import sysconfig
+import time
+import uuid
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+
+from common import (MetricsLogger, atomic_save, cleanup_ddp, load_checkpoint, pick_device, seed_everything,
+                    setup_ddp, time_calls)
+from rwkv7_kernel import wkv7
+
+# -----------------------------------------------------------------------------
+# config
+
+
+@dataclass
+class CaMoEConfig:
+    version: str = "v18.5-test"
+    size: str = "0.4b"
+    # model (the defaults are the 0.4b shapes: RWKV-7 0.4B is 24 layers x 1024, vocab 65536)
+    n_layer: int = 24
+    n_embd: int = 1024
+    head_size: int = 64
+    vocab_size: int = 65536
+    ctx_len: int = 1024
+    num_rwkv_experts: int = 6
+    num_trans_experts: int = 2
+    top_k: int = 2
+    ffn_mult: int = 4
+    trans_heads: int = 16
+    prefix_len: int = 48
+    bridge_rank: int = 64
+    use_deep_embed_attention: bool = True
+    use_shared_deep_embed: bool = True
+    dea_q_dim: int = 256
+    dea_kv_dim: int = 32
+    router: str = "market"
+    # market
+    total_capital: float = 10000.0
+    trade_fraction: float = 0.05
+    floor_share: float = 0.25
+    tax_threshold: float = 2.0
+    tax_rate: float = 0.1
+    capital_cap: float = 3.0
+    wealth_weight: float = 1.0
+    affinity_weight: float = 0.5
+    bid_noise: float = 0.3
+    critic_coef: float = 0.1
+    critic_samples: int = 256
+    balance_coef: float = 0.01
+    # data
+    data_path: str = ""
+    data_roots: list[str] = field(default_factory=list)
+    mix: list[float] = field(default_factory=list)
+    cache_dir: str = "~/.cache/camoe"
+    val_fraction: float = 0.01
+    # training
+    micro_bsz: int = 6
+    grad_accum: int = 8
+    max_steps: int = 100000
+    prewarm_steps: int = 1000
+    warmup_steps: int = 3000
+    lr: float = 3e-4
+    min_lr: float = 3e-5
+    weight_decay: float = 0.1
+    grad_clip: float = 1.0
+    eval_interval: int = 500
+    eval_iters: int = 20
+    save_interval: int = 1000
+    out_dir: str = "runs/camoe"
+    seed: int = 1337
+    device: str = "auto"
+    amp: bool = True
+    compile: bool = False
+
+    @property
+    def num_experts(self) -> int:
+        return self.num_rwkv_experts + self.num_trans_experts
+
+
+SIZES = {
+    "tiny": dict(n_layer=2, n_embd=64, head_size=16, ctx_len=128, num_rwkv_experts=3, num_trans_experts=1,
+                 trans_heads=4, prefix_len=8, bridge_rank=8, dea_q_dim=32, dea_kv_dim=8, total_capital=1000.0,
+                 micro_bsz=8, grad_accum=1, max_steps=300, prewarm_steps=20, warmup_steps=50, lr=2e-3,
+                 min_lr=2e-4, eval_interval=50, eval_iters=4, save_interval=100),
+    "0.1b": dict(n_layer=12, n_embd=768, num_rwkv_experts=3, num_trans_experts=1, trans_heads=12, prefix_len=32,
+                 bridge_rank=32, use_deep_embed_attention=False, total_capital=1000.0, micro_bsz=8),
+    "0.4b": dict(),
+    "1.5b": dict(n_layer=24, n_embd=2048, trans_heads=32, micro_bsz=4, grad_accum=12, lr=2e-4, min_lr=2e-5),
+}
+
+FIELD_HELP = {
+    "version": "model version tag stored in checkpoints",
+    "size": "size preset that sets the defaults of the other fields: " + ", ".join(SIZES),
+    "n_layer": "number of CaMoE blocks",
+    "n_embd": "model width C",
+    "head_size": "RWKV-7 head size N (C must be a multiple)",
+    "vocab_size": "vocabulary size (65536 for the RWKV world tokenizer)",
+    "ctx_len": "training context length T",
+    "num_rwkv_experts": "RWKV channel-mix experts per block",
+    "num_trans_experts": "linear-attention transformer experts per block",
+    "top_k": "experts per token (the clearing price is the (top_k+1)-th bid)",
+    "ffn_mult": "hidden width of an RWKV expert, as a multiple of C",
+    "trans_heads": "heads of a transformer expert",
+    "prefix_len": "bridge prefix vectors per token for transformer experts",
+    "bridge_rank": "rank of the bridge's prefix vectors",
+    "use_deep_embed_attention": "add the DeepEmbedAttention branch beside time mixing",
+    "use_shared_deep_embed": "one DeepEmbed table for all layers (else one per layer)",
+    "dea_q_dim": "query/key width of DeepEmbedAttention",
+    "dea_kv_dim": "bottleneck width of DEA's key/value paths",
+    "router": "market (capital auction), softmax (top-k gating + balance loss) or dense (one FFN, no experts)",
+    "total_capital": "capital per layer, shared by its experts (conserved by the market)",
+    "trade_fraction": "fraction of a layer's capital paid by winners each optimizer step",
+    "floor_share": "capital floor as a fraction of the mean capital",
+    "tax_threshold": "capital above this multiple of the mean is taxed",
+    "tax_rate": "tax rate on capital above the threshold",
+    "capital_cap": "hard ceiling on capital as a multiple of the mean",
+    "wealth_weight": "weight of log relative capital in the log-bid",
+    "affinity_weight": "weight of the critic's affinity (long/short) in the log-bid",
+    "bid_noise": "std of Gaussian noise on log-bids while training (exploration)",
+    "critic_coef": "weight of the critic's losses (difficulty regression, affinity classification)",
+    "critic_samples": "settled (token, expert) outcomes kept per layer to train the critic's affinity",
+    "balance_coef": "weight of the auxiliary balance loss (softmax router only)",
+    "data_path": "training data: text, .jsonl ({'text': ...} per line), or RWKV binidx prefix/.bin; "
+                 "empty = the built-in corpus (this Python's standard library source)",
+    "data_roots": "several data sources, sampled by --mix weights",
+    "mix": "sampling weights of --data-roots (default: equal)",
+    "cache_dir": "where tokenized text is cached as uint16 .bin",
+    "val_fraction": "fraction at the end of each source held out for validation",
+    "micro_bsz": "sequences per micro-batch (per process)",
+    "grad_accum": "micro-batches per optimizer step",
+    "max_steps": "optimizer steps to train",
+    "prewarm_steps": "steps of the prewarm phase (backbone and RWKV experts frozen)",
+    "warmup_steps": "steps of the warmup phase after prewarm (all trained, LR ramps up)",
+    "lr": "peak learning rate",
+    "min_lr": "final learning rate of the cosine decay",
+    "weight_decay": "AdamW weight decay on matrices",
+    "grad_clip": "gradient-norm clip",
+    "eval_interval": "steps between validation evaluations",
+    "eval_iters": "validation batches per evaluation",
+    "save_interval": "steps between checkpoints",
+    "out_dir": "directory for ckpt.pt and metrics.jsonl",
+    "seed": "random seed",
+    "device": "auto, cpu, cuda or cuda:N",
+    "amp": "bf16 autocast on CUDA",
+    "compile": "torch.compile the model",
+}
+
+
+def token_shift(x: torch.Tensor) -> torch.Tensor:
+    """x (B, T, C) -> the previous token's x at each position (zeros at t=0)."""
+    return F.pad(x, (0, 0, 1, -1))
+
+
+# -----------------------------------------------------------------------------
+# backbone: RWKV-7 time mixing and DeepEmbedAttention
+
+
+def _lora_dim(C: int, factor: float, power: float = 0.5) -> int:
+    """RWKV-7's LoRA widths: factor * C**power rounded to a multiple of 32, at least 32."""
+    return max(32, int(round(factor * C ** power / 32)) * 32)
+
+
+class RWKV7_TimeMix(nn.Module):
+    """RWKV-7 time mixing, parameter for parameter as RWKV-LM's v7 and the `rwkv` package's RWKV_x070.
+
+    With xx = x[t-1] - x[t] and x_* = x + xx * mu_*:
+        r = W_r x_r     k = W_k x_k     v = W_v x_v
+        w = -softplus(-(w0 + tanh(x_w A_w) B_w)) - 0.5        (log-log decay: decay = exp(-exp(w)) in (0.545, 1))
+        a = sigmoid(a0 + x_a A_a B_a)                           (in-context learning rate)
+        g = sigmoid(x_g A_g) B_g                                (output gate)
+        v <- v + (v_first - v) * sigmoid(v0 + x_v A_v B_v)      (layers > 0: value residual to layer 0's v)
+        kk = normalize_per_head(k * k_k);  k <- k * (1 + (a - 1) * k_a)
+        S_t = S_{t-1} (diag(decay_t) - kk_t^T (kk_t * a_t)) + v_t^T k_t;  y_t = S_t r_t
+        out = W_o ((GroupNorm(y) + sum_head(r * k * r_k) v) * g)
+    The decay is clamped once, by the softplus above; the kernel applies no second clamp.
+    """
+
+    def __init__(self, cfg: CaMoEConfig, layer_id: int):
+        super().__init__()
+        C, N = cfg.n_embd, cfg.head_size
+        if C % N:
+            raise ValueError(f"n_embd {C} is not a multiple of head_size {N}")
+        self.layer_id, self.n_head, self.head_size = layer_id, C // N, N
+        H = self.n_head
+        ratio_0_to_1 = layer_id / max(cfg.n_layer - 1, 1)
+        ratio_1_to_0 = 1.0 - layer_id / cfg.n_layer
+        ddd = (torch.arange(C) / C).view(1, 1, C)
+        self.x_r = nn.Parameter(1.0 - ddd ** (0.2 * ratio_1_to_0))
+        self.x_w = nn.Parameter(1.0 - ddd ** (0.9 * ratio_1_to_0))
+        self.x_k = nn.Parameter(1.0 - ddd ** (0.7 * ratio_1_to_0))
+        self.x_v = nn.Parameter(1.0 - ddd ** (0.7 * ratio_1_to_0))
+        self.x_a = nn.Parameter(1.0 - ddd ** (0.9 * ratio_1_to_0))
+        self.x_g = nn.Parameter(1.0 - ddd ** (0.2 * ratio_1_to_0))
+        n = torch.arange(C, dtype=torch.float32)
+        linear = n / (C - 1) - 0.5
+        zigzag = ((n % N) - (N - 1) / 2) / ((N - 1) / 2)
+        zigzag = zigzag * zigzag.abs()
+        decay_speed = -6 + 6 * (n / (C - 1)) ** (1 + ratio_0_to_1 ** 0.3)
+        self.w0 = nn.Parameter((decay_speed + 0.5 + zigzag * 2.5).view(1, 1, C))
+        self.w1, self.w2 = self._lora(C, _lora_dim(C, 2.5))
+        self.a0 = nn.Parameter((-0.19 + zigzag * 0.3 + linear * 0.4).view(1, 1, C))
+        self.a1, self.a2 = self._lora(C, _lora_dim(C, 2.5))
+        if layer_id > 0:
+            self.v0 = nn.Parameter((0.73 - linear * 0.4).view(1, 1, C))
+            self.v1, self.v2 = self._lora(C, _lora_dim(C, 1.7))
+        self.g1, self.g2 = self._lora(C, _lora_dim(C, 5, 0.8))
+        self.k_k = nn.Parameter((0.71 - linear * 0.1).view(1, 1, C))
+        self.k_a = nn.Parameter(torch.full((1, 1, C), 1.02))
+        self.r_k = nn.Parameter(torch.full((H, N), -0.04))
+        self.receptance = nn.Linear(C, C, bias=False)
+        self.key = nn.Linear(C, C, bias=False)
+        self.value = nn.Linear(C, C, bias=False)
+        self.output = nn.Linear(C, C, bias=False)
+        self.ln_x = nn.GroupNorm(H, C, eps=64e-5)
+        bound = 0.5 / C ** 0.5
+        nn.init.uniform_(self.receptance.weight, -bound, bound)
+        nn.init.uniform_(self.key.weight, -0.1 * bound, 0.1 * bound)
+        nn.init.uniform_(self.value.weight, -bound, bound)
+        nn.init.zeros_(self.output.weight)
+
+    @staticmethod
+    def _lora(C: int, D: int) -> tuple[nn.Parameter, nn.Parameter]:
+        """A zero down-projection and an orthogonal up-projection of gain 0.1, as RWKV-7 initialises them."""
+        up = torch.empty(D, C)
+        nn.init.orthogonal_(up, gain=0.1)
+        return nn.Parameter(torch.zeros(C, D)), nn.Parameter(up)
+
+    def forward(self, x: torch.Tensor, v_first: torch.Tensor | None):
+        """x (B, T, C) -> (out (B, T, C), v_first (B, T, C), readout (B, T, C): the normalised state readout)."""
+        B, T, C = x.shape
+        H, N = self.n_head, self.head_size
+        xx = token_shift(x) - x
+        xr, xw, xk, xv, xa, xg = (x + xx * mu for mu in (self.x_r, self.x_w, self.x_k, self.x_v, self.x_a, self.x_g))
+        r = self.receptance(xr)
+        w = -F.softplus(-(self.w0 + torch.tanh(xw @ self.w1) @ self.w2)) - 0.5
+        k = self.key(xk)
+        v = self.value(xv)
+        if self.layer_id == 0:
+            v_first = v
+        else:
+            v = v + (v_first - v) * torch.sigmoid(self.v0 + (xv @ self.v1) @ self.v2)
+        a = torch.sigmoid(self.a0 + (xa @ self.a1) @ self.a2)
+        g = torch.sigmoid(xg @ self.g1) @ self.g2
+        kk = F.normalize((k * self.k_k).view(B, T, H, N), dim=-1).view(B, T, C)
+        k = k * (1 + (a - 1) * self.k_a)
+        heads = lambda t: t.to(r.dtype).view(B, T, H, N)
+        y, _ = wkv7(heads(r), heads(w), heads(k), heads(v), heads(-kk), heads(kk * a))  # (B, T, H, N)
+        y = self.ln_x(y.reshape(B * T, C)).view(B, T, C)
+        y = y + ((r * k * self.r_k.view(C)).view(B, T, H, N).sum(-1, keepdim=True) * v.view(B, T, H, N)).view(B, T, C)
+        return self.output(y * g), v_first, y
+
+
+class SharedDeepEmbed(nn.Module):
+    """Token-indexed modulation tables for DEA's keys (V, q_dim) and values (V, C), initialised to 1 (no-op).
+
+    With use_shared_deep_embed one instance serves every layer; otherwise each DEA layer owns one.
+    """
+
+    def __init__(self, cfg: CaMoEConfig):
+        super().__init__()
+        self.k_emb = nn.Embedding(cfg.vocab_size, cfg.dea_q_dim)
+        self.v_emb = nn.Embedding(cfg.vocab_size, cfg.n_embd)
+        nn.init.ones_(self.k_emb.weight)
+        nn.init.ones_(self.v_emb.weight)
+
+
+class DeepEmbedAttention(nn.Module):
+    """Single-head causal softmax attention beside time mixing, on the same pre-norm input u (B, T, C).
+
+        q = LN(shift_mix(W_q u))                                          (B, T, q_dim)
+        k = LN(shift_mix(U_k D_k u * k_emb[token]))                       (B, T, q_dim), D_k: C -> kv_dim
+        v = LN(shift_mix(tanh(U_v D_v u) * v_emb[token]))                 (B, T, C),     D_v: C -> kv_dim
+        out = gain * softmax(q k^T / sqrt(q_dim) + causal mask) v
+    shift_mix(z) = z + (z[t-1] - z[t]) * mu. The LayerNorms bound the logits (|q.k|/sqrt(q_dim) <= sqrt(q_dim)),
+    and gain starts at 0, so the branch adds nothing at initialisation and grows only as it helps.
+    Cost is quadratic in T, as softmax attention is; scaled_dot_product_attention keeps memory linear.
+    """
+
+    def __init__(self, cfg: CaMoEConfig):
+        super().__init__()
+        C, Q, R = cfg.n_embd, cfg.dea_q_dim, cfg.dea_kv_dim
+        self.q_proj = nn.Linear(C, Q, bias=False)
+        self.k_down, self.k_up = nn.Linear(C, R, bias=False), nn.Linear(R, Q, bias=False)
+        self.v_down, self.v_up = nn.Linear(C, R, bias=False), nn.Linear(R, C, bias=False)
+        self.mu_q, self.mu_k = nn.Parameter(torch.full((Q,), 0.5)), nn.Parameter(torch.full((Q,), 0.5))
+        self.mu_v = nn.Parameter(torch.full((C,), 0.5))
+        self.ln_q, self.ln_k, self.ln_v = nn.LayerNorm(Q), nn.LayerNorm(Q), nn.LayerNorm(C)
+        self.gain = nn.Parameter(torch.zeros(C))
+
+    def forward(self, u: torch.Tensor, idx: torch.Tensor, deep_embed: SharedDeepEmbed) -> torch.Tensor:
+        shift_mix = lambda z, mu: z + (token_shift(z) - z) * mu
+        q = self.ln_q(shift_mix(self.q_proj(u), self.mu_q))
+        k = self.ln_k(shift_mix(self.k_up(self.k_down(u)) * deep_embed.k_emb(idx), self.mu_k))
+        v = self.ln_v(shift_mix(torch.tanh(self.v_up(self.v_down(u))) * deep_embed.v_emb(idx), self.mu_v))
+        y = F.scaled_dot_product_attention(q.unsqueeze(1), k.unsqueeze(1), v.unsqueeze(1), is_causal=True)
+        return y.squeeze(1) * self.gain  # (B, T, C)
+
+
+# -----------------------------------------------------------------------------
+# experts and the bridge
+
+
+class SparseRWKVFFN(nn.Module):
+    """RWKV-7 channel mixing as an expert: out = W_v relu(W_k (h + (h_prev - h) * x_k))^2.
+
+    It sees only the rows routed to it: h and h_prev (the previous token's h, for the token shift) are
+    gathered (n, C) before the call. With hidden = top_k * ffn_mult * C it is also the dense baseline's FFN.
+    """
+
+    def __init__(self, cfg: CaMoEConfig, layer_id: int, hidden: int):
+        super().__init__()
+        C = cfg.n_embd
+        ddd = torch.arange(C) / C
+        self.x_k = nn.Parameter((1.0 - ddd ** ((1.0 - layer_id / cfg.n_layer) ** 4)).view(1, 1, C))
+        self.key = nn.Linear(C, hidden, bias=False)
+        self.value = nn.Linear(hidden, C, bias=False)
+        nn.init.uniform_(self.key.weight, -0.5 / C ** 0.5, 0.5 / C ** 0.5)
+        nn.init.zeros_(self.value.weight)
+
+    def forward(self, h: torch.Tensor, h_prev: torch.Tensor) -> torch.Tensor:
+        k = torch.relu(self.key(h + (h_prev - h) * self.x_k.view(-1))) ** 2
+        return self.value(k)
+
+
+class UltimateBridge(nn.Module):
+    """Maps a token's hidden state h and its RWKV state readout y to prefix vectors for transformer experts.
+
+        z = LN(reshape(W_2 GELU(LN(W_1 [h ; y])), (P, rank)) + pos)        (n, P, rank)
+    The prefix stays in rank space: experts project it to keys/values inside their attention (see
+    LinearTransformerExpert), so nothing of size (n, P, C) is ever built. One bridge serves every layer, and it
+    runs only for the tokens routed to a transformer expert.
+    """
+
+    def __init__(self, cfg: CaMoEConfig):
+        super().__init__()
+        C, P, R = cfg.n_embd, cfg.prefix_len, cfg.bridge_rank
+        self.P, self.R = P, R
+        self.proj_in = nn.Linear(2 * C, C)
+        self.ln_in = nn.LayerNorm(C)
+        self.proj_out = nn.Linear(C, P * R)
+        self.pos = nn.Parameter(torch.randn(P, R) * 0.02)
+        self.ln_out = nn.LayerNorm(R)
+
+    def forward(self, h: torch.Tensor, readout: torch.Tensor) -> torch.Tensor:
+        z = F.gelu(self.ln_in(self.proj_in(torch.cat([h, readout], dim=-1))))
+        return self.ln_out(self.proj_out(z).view(-1, self.P, self.R) + self.pos)  # (n, P, R)
+
+
+def causal_linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seq: torch.Tensor,
+                            n_seq: int, chunk: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
+    """Unnormalised causal linear attention among rows of the same sequence.
+
+    q, k (n, H, d) feature-mapped (non-negative); v (n, H, d); seq (n,) the sequence of each row, rows sorted
+    by (sequence, time). Row i sees rows j <= i of its sequence: returns num_i = sum_j (q_i.k_j) v_j (n, H, d)
+    and den_i = sum_j q_i.k_j (n, H). Rows are packed per sequence into (n_seq, L), then processed in chunks:
+    a masked (chunk x chunk) product inside a chunk, a running (d x d) state between chunks. Cost O(n d^2).
+    """
+    n, H, d = q.shape
+    counts = torch.bincount(seq, minlength=n_seq)
+    pos = torch.arange(n, device=q.device) - (torch.cumsum(counts, 0) - counts)[seq]
+    L = -(-int(counts.max()) // chunk) * chunk
+    NC = L // chunk
+
+    def pack(t):  # (n, H, e) -> (n_seq, H, NC, chunk, e), zeros where a sequence has no row
+        out = t.new_zeros(n_seq, L, H, t.shape[-1])
+        out[seq, pos] = t
+        return out.view(n_seq, NC, chunk, H, -1).permute(0, 3, 1, 2, 4)
+
+    Q, K, V = pack(q), pack(k), pack(v)
+    ones = torch.ones_like(V[..., :1])
+    V1 = torch.cat([V, ones], dim=-1)                                  # the extra column accumulates the denominator
+    A = (Q @ K.transpose(-1, -2)).tril()                               # (S, H, NC, chunk, chunk)
+    state = K.transpose(-1, -2) @ V1                                   # (S, H, NC, d, d+1) per chunk
+    state = torch.cumsum(state, dim=2) - state                         # what the chunks before each chunk hold
+    out = A @ V1 + Q @ state                                           # (S, H, NC, chunk, d+1)
+    out = out.permute(0, 2, 3, 1, 4).reshape(n_seq, L, H, d + 1)[seq, pos]  # (n, H, d+1)
+    return out[..., :d], out[..., d]
+
+
+class LinearTransformerExpert(nn.Module):
+    """A transformer expert for the tokens routed to it: causal linear attention over the earlier tokens of
+    the same sequence that it also served, plus softmax attention over its token's bridge prefix.
+
+        phi(x) = elu(x) + 1
+        hist_i   = sum_{j<=i, same seq} phi(q_i).phi(k_j) v_j / sum_j phi(q_i).phi(k_j)
+        prefix_i = sum_p softmax_p(q_i . K_p z_ip / sqrt(d)) V_p z_ip      (z_i = bridge prefix, (P, rank))
+        out_i = W_o(hist_i + prefix_i) * sigmoid(W_g h_i)
+    The prefix attention is computed in rank space: q_i is projected by K_p^T to rank R per head, so its cost is
+    O(H P R) per token and the (P, C) keys and values are never materialised.
+    """
+
+    def __init__(self, cfg: CaMoEConfig):
+        super().__init__()
+        C, H, R = cfg.n_embd, cfg.trans_heads, cfg.bridge_rank
+        if C % H:
+            raise ValueError(f"n_embd {C} is not a multiple of trans_heads {H}")
+        self.H, self.d = H, C // H
+        self.query, self.key, self.value = (nn.Linear(C, C, bias=False) for _ in range(3))
+        self.prefix_key = nn.Parameter(torch.randn(H, self.d, R) / R ** 0.5)
+        self.prefix_value = nn.Parameter(torch.randn(H, self.d, R) / R ** 0.5)
+        self.gate = nn.Linear(C, C, bias=False)
+        self.output = nn.Linear(C, C, bias=False)
+        nn.init.zeros_(self.output.weight)
+
+    def forward(self, h: torch.Tensor, prefix: torch.Tensor, seq: torch.Tensor, n_seq: int) -> torch.Tensor:
+        n, C = h.shape
+        q = self.query(h).view(n, self.H, self.d)
+        k = self.key(h).view(n, self.H, self.d)
+        v = self.value(h).view(n, self.H, self.d)
+        num, den = causal_linear_attention(F.elu(q) + 1, F.elu(k) + 1, v, seq, n_seq)
+        hist = num / (den.unsqueeze(-1) + 1e-6)                                    # (n, H, d)
+        prefix = prefix.to(q.dtype)
+        q_r = torch.einsum("nhd,hdr->nhr", q, self.prefix_key.to(q.dtype))         # (n, H, R)
+        att = torch.softmax(torch.einsum("nhr,npr->nhp", q_r, prefix) / self.d ** 0.5, dim=-1)  # (n, H, P)
+        z_bar = torch.einsum("nhp,npr->nhr", att, prefix)                          # (n, H, R)
+        pre = torch.einsum("nhr,hdr->nhd", z_bar, self.prefix_value.to(q.dtype))  # (n, H, d)
+        return self.output((hist + pre).reshape(n, C)) * torch.sigmoid(self.gate(h))
+
+
+class _CombineExperts(torch.autograd.Function):
+    """out[token] += weight * expert_output for each (token, expert) assignment; its backward also measures
+    each assignment's value added, value = -<dL/dout[token], weight * expert_output>: the first-order loss
+    increase if that expert's contribution were removed. It writes value into `value_sink` (n,)."""
+
+    @staticmethod
+    def forward(ctx, weights, outputs, token, n_tokens, value_sink):
+        ctx.save_for_backward(weights, outputs, token)
+        ctx.value_sink = value_sink
+        out = outputs.new_zeros(n_tokens, outputs.shape[1])
+        return out.index_add_(0, token, outputs * weights.to(outputs.dtype).unsqueeze(1))
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        weights, outputs, token = ctx.saved_tensors
+        g = grad_out[token]                                                          # (n, C)
+        dot = (g.float() * outputs.float()).sum(-1)                                  # (n,)
+        if ctx.value_sink is not None:
+            ctx.value_sink.copy_(-(weights.detach().float() * dot))
+        return dot.to(weights.dtype), g * weights.to(g.dtype).unsqueeze(1), None, None, None
+
+
+# -----------------------------------------------------------------------------
+# the market: critic, router, capital
+
+
+class CriticVC(nn.Module):
+    """Predicts, from a token's hidden state (detached: the critic observes, it does not shape h):
+        difficulty d = softplus(MLP(h)) + 1e-3   the token's final loss, trained with SmoothL1(d, loss.detach())
+        affinity   a (E logits)                  P(expert e adds value on this token): long if a > 0, short if a < 0,
+                                                 trained by BCE on settled outcomes (value > 0) of past assignments.
+    Both enter the bids: difficulty scales what a token costs, affinity subsidises or penalises each expert.
+    """
+
+    def __init__(self, cfg: CaMoEConfig):
+        super().__init__()
+        hidden = max(cfg.n_embd // 4, 16)
+        self.body = nn.Sequential(nn.Linear(cfg.n_embd, hidden), nn.GELU())
+        self.difficulty_head = nn.Linear(hidden, 1)
+        self.affinity_head = nn.Linear(hidden, cfg.num_experts)
+        nn.init.zeros_(self.affinity_head.weight)
+        nn.init.zeros_(self.affinity_head.bias)
+
+    def forward(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        z = self.body(h)
+        return F.softplus(self.difficulty_head(z)).squeeze(-1).float() + 1e-3, self.affinity_head(z).float()
+
+
+class SparseRouter(nn.Module):
+    """Every expert bids for every token; the top_k bids win; winners pay the (top_k+1)-th bid ("third price").
+
+    Market (router='market'):
+        s_te   = confidence logit of expert e for token t (a linear map of h, trained through the weights)
+        log b_te = s_te + wealth_weight * log(K_e / mean K) + affinity_weight * tanh(a_te) + noise
+        bid  b_te = (1 + d_t) * exp(log b_te)        (hard tokens cost more; d_t the critic's difficulty)
+        winners = top_k of b_t;  price_t = the (top_k+1)-th highest b_t (0 when every expert wins)
+        weights = softmax over the winners of s_te   (differentiable in s)
+    Capital, critic and noise decide who wins and what it pays, not how much a winner's output counts: an
+    expert's value is measured through its weight, so weights that grew with wealth would let money buy value.
+    Softmax baseline (router='softmax'): p = softmax(s), winners = top_k of p, weights = renormalised p,
+    price 0, bids = p; the model adds the standard balance loss E * sum_e f_e * mean_t p_te.
+    Returns (winners (N, k) long, weights (N, k), price (N,), bids (N, E)).
+    """
+
+    def __init__(self, cfg: CaMoEConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.confidence = nn.Linear(cfg.n_embd, cfg.num_experts, bias=False)
+        nn.init.normal_(self.confidence.weight, std=0.02)
+
+    def forward(self, h: torch.Tensor, wealth: torch.Tensor | None = None, difficulty: torch.Tensor | None = None,
+                affinity: torch.Tensor | None = None):
+        cfg, k = self.cfg, self.cfg.top_k
+        logits = self.confidence(h).float()                                         # (N, E)
+        if cfg.router == "softmax":
+            probs = torch.softmax(logits, dim=-1)
+            top = probs.topk(k, dim=-1)
+            weights = top.values / top.values.sum(-1, keepdim=True)
+            return top.indices, weights, torch.zeros_like(probs[:, 0]), probs
+        log_bid = logits + cfg.wealth_weight * wealth + cfg.affinity_weight * torch.tanh(affinity.detach())
+        if self.training and cfg.bid_noise > 0:
+            log_bid = log_bid + cfg.bid_noise * torch.randn_like(log_bid)
+        log_bid = log_bid.clamp(-30.0, 30.0)
+        bids = (1.0 + difficulty.detach()).unsqueeze(-1) * torch.exp(log_bid.detach())  # (N, E)
+        top = bids.topk(min(k + 1, bids.shape[-1]), dim=-1)
+        winners = top.indices[:, :k]
+        price = top.values[:, k] if bids.shape[-1] > k else torch.zeros_like(bids[:, 0])
+        weights = torch.softmax(logits.gather(1, winners), dim=-1)
+        return winners, weights, price, bids
+
+
+class CapitalManager(nn.Module):
+    """Capital of one layer's experts. Money is conserved: sum(K) = total_capital at every step.
+
+    Once per optimizer step, with pay_e the clearing prices owed by expert e for the tokens it won (scaled so that
+    all winners together pay trade_fraction * total) and V_e its value added (sum over its assignments of
+    -<dL/dout, w * o>, see _CombineExperts):
+        payment_e  = min(pay_e, K_e)
+        pool       = sum_e payment_e
+        earned_e   = pool * max(V_e, 0) / sum_e max(V_e, 0)      (refund payment_e if no expert added value)
+        K'         = K - payment + earned
+        tax_e      = tax_rate * max(0, K'_e - tax_threshold * m) + max(0, K'_e - tax - capital_cap * m)
+                     (m = total / E; the second term confiscates anything above the ceiling)
+        top-up_e   = max(0, floor_share * m - (K'_e - tax_e))    (the floor: no expert goes broke)
+        the tax pool pays the top-ups; a shortfall is levied on experts above the floor in proportion to their
+        excess (counted as their tax); a surplus is paid out as a dividend in proportion to each expert's room
+        below the ceiling, capital_cap * m - K_e (counted as revenue), so the poor gain most and none passes the cap.
+    So for every expert: change = revenue - payment - tax + top-up, with revenue = earned + dividend, and the
+    four sum to zero over experts. The bid uses log(K_e / m), clamped to [log floor_share, log capital_cap].
+    """
+
+    def __init__(self, cfg: CaMoEConfig):
+        super().__init__()
+        self.cfg = cfg
+        E = cfg.num_experts
+        self.register_buffer("capital", torch.full((E,), cfg.total_capital / E, dtype=torch.float64))
+
+    def wealth(self) -> torch.Tensor:
+        cfg = self.cfg
+        rel = self.capital / (cfg.total_capital / len(self.capital))
+        return torch.log(rel.clamp(cfg.floor_share, cfg.capital_cap)).float()       # (E,)
+
+    @torch.no_grad()
+    def settle(self, owed: torch.Tensor, value: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Apply one step of the market to the capital; returns the ledger (E,) float64 tensors."""
+        cfg, K = self.cfg, self.capital
+        mean = cfg.total_capital / len(K)
+        payment = torch.minimum(owed.double(), K)
+        gain = value.double().clamp_min(0)
+        earned = payment.sum() * gain / gain.sum() if gain.sum() > 0 else payment.clone()
+        K1 = K - payment + earned
+        tax = cfg.tax_rate * (K1 - cfg.tax_threshold * mean).clamp_min(0)
+        tax = tax + (K1 - tax - cfg.capital_cap * mean).clamp_min(0)
+        K2 = K1 - tax
+        floor = cfg.floor_share * mean
+        topup = (floor - K2).clamp_min(0)
+        shortfall = topup.sum() - tax.sum()
+        if shortfall > 0:
+            excess = (K2 - floor).clamp_min(0)
+            tax = tax + shortfall * excess / excess.sum()
+            dividend = torch.zeros_like(K)
+        else:
+            room = (cfg.capital_cap * mean - (K2 + topup)).clamp_min(0)
+            dividend = -shortfall * room / room.sum()
+        revenue = earned + dividend
+        new = K - payment + revenue - tax + topup
+        ledger = dict(revenue=revenue, payment=payment, tax=tax, topup=topup, change=new - K)
+        K.copy_(new)
+        return ledger
+
+
+# -----------------------------------------------------------------------------
+# the model
+
+
+class CaMoE_Block(nn.Module):
+    """x += TimeMix(LN1 x) + DEA(LN1 x);  h = LN2 x;  x += sum over the token's winners of weight * expert(h)."""
+
+    def __init__(self, cfg: CaMoEConfig, layer_id: int):
+        super().__init__()
+        self.cfg, self.layer_id = cfg, layer_id
+        C = cfg.n_embd
+        if layer_id == 0:
+            self.ln0 = nn.LayerNorm(C)
+        self.ln1, self.ln2 = nn.LayerNorm(C), nn.LayerNorm(C)
+        self.att = RWKV7_TimeMix(cfg, layer_id)
+        if cfg.use_deep_embed_attention:
+            self.dea = DeepEmbedAttention(cfg)
+            if not cfg.use_shared_deep_embed:
+                self.deep_embed = SharedDeepEmbed(cfg)
+        if cfg.router == "dense":
+            self.ffn = SparseRWKVFFN(cfg, layer_id, cfg.top_k * cfg.ffn_mult * C)
+            return
+        self.critic = CriticVC(cfg)
+        self.router = SparseRouter(cfg)
+        self.capital = CapitalManager(cfg)
+        self.experts = nn.ModuleList(
+            [SparseRWKVFFN(cfg, layer_id, cfg.ffn_mult * C) for _ in range(cfg.num_rwkv_experts)]
+            + [LinearTransformerExpert(cfg) for _ in range(cfg.num_trans_experts)])
+        S = cfg.critic_samples  # the last settled outcomes, kept as buffers so a resumed run trains the same critic
+        self.register_buffer("critic_h", torch.zeros(S, C))
+        self.register_buffer("critic_expert", torch.zeros(S, dtype=torch.long))
+        self.register_buffer("critic_label", torch.zeros(S))
+        self.register_buffer("critic_count", torch.zeros((), dtype=torch.long))
+        self.pending: list[dict] = []
+
+    def forward(self, x, idx, v_first, bridge, deep_embed):
+        """x (B, T, C), idx (B, T) -> (x, v_first, difficulty (B*T,) or None, info dict)."""
+        if self.layer_id == 0:
+            x = self.ln0(x)
+        u = self.ln1(x)
+        att, v_first, readout = self.att(u, v_first)
+        x = x + att
+        if self.cfg.use_deep_embed_attention:
+            x = x + self.dea(u, idx, getattr(self, "deep_embed", deep_embed))
+        h = self.ln2(x)
+        if self.cfg.router == "dense":
+            return x + self.ffn(h, token_shift(h)), v_first, None, {}
+        moe, difficulty, info = self._route(h, readout, bridge)
+        return x + moe, v_first, difficulty, info
+
+    def _route(self, h, readout, bridge):
+        cfg = self.cfg
+        B, T, C = h.shape
+        N, E, k = B * T, cfg.num_experts, cfg.top_k
+        hf, h_prev, ro = h.reshape(N, C), token_shift(h).reshape(N, C), readout.reshape(N, C)
+        difficulty, affinity = self.critic(hf.detach())                             # (N,), (N, E)
+        winners, weights, price, bids = self.router(hf, self.capital.wealth(), difficulty, affinity)
+        expert = winners.reshape(-1)                                                  # (N*k,)
+        order = torch.argsort(expert, stable=True)                                    # grouped by expert, tokens in order
+        expert, token, weight = expert[order], order // k, weights.reshape(-1)[order]
+        counts = torch.bincount(expert, minlength=E)
+        outputs = []
+        for e, rows in enumerate(torch.split(token, counts.tolist())):
+            if len(rows) == 0:
+                continue
+            if e < cfg.num_rwkv_experts:
+                outputs.append(self.experts[e](hf[rows], h_prev[rows]))
+            else:
+                prefix = bridge(hf[rows], ro[rows])                                   # (n, P, R)
+                outputs.append(self.experts[e](hf[rows], prefix, rows // T, B))
+        outputs = torch.cat(outputs)                                                  # (N*k, C)
+        sink = torch.zeros(len(token), device=h.device) if self.training else None
+        moe = _CombineExperts.apply(weight, outputs, token, N, sink).view(B, T, C)
+        info = {"counts": counts, "price": price}
+        if cfg.router == "softmax":
+            share = counts.float() / (N * k)
+            info["balance_loss"] = E * (share * bids.mean(0)).sum()
+        if self.training and torch.is_grad_enabled() and cfg.router == "market":
+            owed = torch.zeros(E, device=h.device).index_add_(0, expert, price[token])
+            sample = torch.randperm(len(token), device=h.device)[:cfg.critic_samples]
+            self.pending.append(dict(owed=owed, total_price=price.sum() * k, expert=expert, sink=sink,
+                                     sample=sample, sample_h=hf[token[sample]].detach()))
+        return moe, difficulty, info
+
+    def critic_affinity_loss(self) -> torch.Tensor | None:
+        """BCE of the critic's affinity on the last settled outcomes (None before the first settlement)."""
+        n = int(self.critic_count)
+        if self.cfg.router != "market" or n == 0:
+            return None
+        _, affinity = self.critic(self.critic_h[:n])
+        logit = affinity.gather(1, self.critic_expert[:n, None]).squeeze(1)
+        return F.binary_cross_entropy_with_logits(logit, self.critic_label[:n])
+
+    @torch.no_grad()
+    def market_totals(self, budget: float) -> torch.Tensor:
+        """Sum this step's micro-batches: (3, E) = owed payments (scaled to `budget` in total), value, tokens."""
+        E = self.cfg.num_experts
+        totals = torch.zeros(3, E, dtype=torch.float64, device=self.capital.capital.device)
+        for p in self.pending:
+            scale = budget / len(self.pending) / p["total_price"].double().clamp_min(1e-30)
+            totals[0] += p["owed"].double() * scale
+            totals[1].index_add_(0, p["expert"], p["sink"].double())
+            totals[2].index_add_(0, p["expert"], torch.ones_like(p["sink"], dtype=torch.float64))
+        return totals
+
+    @torch.no_grad()
+    def settle(self, totals: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Update capital from the (all-reduced) totals; keep the last micro-batch's outcomes for the critic."""
+        ledger = self.capital.settle(totals[0], totals[1])
+        last = self.pending[-1]
+        n = len(last["sample"])
+        self.critic_h[:n] = last["sample_h"].float()
+        self.critic_expert[:n] = last["expert"][last["sample"]]
+        self.critic_label[:n] = (last["sink"][last["sample"]] > 0).float()
+        self.critic_count.fill_(n)
+        self.pending.clear()
+        return ledger
+
+
+class CaMoE_System(nn.Module):
+    """Embedding -> CaMoE_Block x n_layer -> LayerNorm -> head. Owns the market state (capital, critic
+    samples) as buffers of its blocks, the shared DeepEmbed table and the shared bridge.
+
+    forward(idx (B, T), targets (B, T) or None) -> (logits (B, T, V), (total, ce) or None, per-layer infos)
+    total = ce + critic_coef * (mean over layers of SmoothL1(difficulty, token loss) + affinity BCE)
+            [+ balance_coef * balance loss for the softmax router]; ce is the plain next-token loss.
+    """
+
+    def __init__(self, cfg: CaMoEConfig):
+        super().__init__()
+        if cfg.router not in ("market", "softmax", "dense"):
+            raise ValueError(f"router must be market, softmax or dense, got {cfg.router!r}")
+        if cfg.router != "dense" and not 2 <= cfg.top_k <= cfg.num_experts:  # one winner: weight 1, no router gradient
+            raise ValueError(f"top_k {cfg.top_k} must be between 2 and the {cfg.num_experts} experts")
+        self.cfg = cfg
+        self.emb = nn.Embedding(cfg.vocab_size, cfg.n_embd)
+        nn.init.uniform_(self.emb.weight, -1e-4, 1e-4)
+        if cfg.use_deep_embed_attention and cfg.use_shared_deep_embed:
+            self.deep_embed = SharedDeepEmbed(cfg)
+        if cfg.router != "dense" and cfg.num_trans_experts > 0:
+            self.bridge = UltimateBridge(cfg)
+        self.blocks = nn.ModuleList([CaMoE_Block(cfg, i) for i in range(cfg.n_layer)])
+        self.ln_out = nn.LayerNorm(cfg.n_embd)
+        self.head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
+        nn.init.orthogonal_(self.head.weight, gain=0.5 * (cfg.vocab_size / cfg.n_embd) ** 0.5 if
+                            cfg.vocab_size > cfg.n_embd else 0.5)
+
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None):
+        cfg = self.cfg
+        x = self.emb(idx)
+        v_first, difficulties, infos = None, [], []
+        for block in self.blocks:
+            x, v_first, difficulty, info = block(x, idx, v_first, getattr(self, "bridge", None),
+                                                 getattr(self, "deep_embed", None))
+            difficulties.append(difficulty)
+            infos.append(info)
+        logits = self.head(self.ln_out(x))
+        if targets is None:
+            return logits, None, infos
+        token_loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), reduction="none")
+        loss = token_loss.mean()
+        total = loss
+        if cfg.router != "dense":
+            critic = sum(F.smooth_l1_loss(d, token_loss.detach()) for d in difficulties) / cfg.n_layer
+            affinity = [a for a in (b.critic_affinity_loss() for b in self.blocks) if a is not None]
+            if affinity:
+                critic = critic + sum(affinity) / cfg.n_layer
+            total = total + cfg.critic_coef * critic
+        if cfg.router == "softmax":
+            total = total + cfg.balance_coef * sum(i["balance_loss"] for i in infos) / cfg.n_layer
+        return logits, (total, loss), infos
+
+    @torch.no_grad()
+    def settle_market(self, world_size: int = 1, prewarm: bool = False) -> dict[str, list]:
+        """Settle every layer's market once per optimizer step; totals are all-reduced so ranks stay identical.
+        In prewarm the frozen RWKV experts still serve tokens but do not trade (no payment, no earnings): an
+        expert that cannot learn yet should neither pay for tokens nor be judged on them."""
+        cfg = self.cfg
+        blocks = [b for b in self.blocks if cfg.router == "market" and b.pending]
+        if not blocks:
+            return {}
+        budget = cfg.trade_fraction * cfg.total_capital / world_size
+        totals = torch.stack([b.market_totals(budget) for b in blocks])              # (L, 3, E)
+        if prewarm:
+            totals[:, :2, :cfg.num_rwkv_experts] = 0
+        if world_size > 1:
+            dist.all_reduce(totals)
+        ledgers = [b.settle(t) for b, t in zip(blocks, totals)]
+        return {"ledgers": ledgers, "tokens": totals[:, 2]}
+
+    def phase_groups(self) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
+        """(trained in prewarm, frozen in prewarm): prewarm trains transformer experts, bridge, critic, router,
+        DEA and DeepEmbed; the embedding, norms, time mixing, RWKV experts and head wait for warmup."""
+        cfg = self.cfg
+        prewarm, frozen = [], []
+        for name, p in self.named_parameters():
+            parts = name.split(".")
+            trains = any(s in parts for s in ("bridge", "deep_embed", "critic", "router", "dea"))
+            if "experts" in parts and int(parts[parts.index("experts") + 1]) >= cfg.num_rwkv_experts:
+                trains = True
+            (prewarm if trains else frozen).append(p)
+        return prewarm, frozen
+
+
+def gini(x: torch.Tensor) -> float:
+    """Gini coefficient of a non-negative vector (0 = equal, 1 - 1/n = one holder)."""
+    x = x.double()
+    return float((x[:, None] - x[None, :]).abs().sum() / (2 * len(x) ** 2 * x.mean().clamp_min(1e-30)))
+
+
+# -----------------------------------------------------------------------------
+# data
+
+
+class WorldTokenizer:
+    """The RWKV world tokenizer (vocab 65536, id 0 = end of text), from the vocab file the `rwkv` package ships."""
+
+    def __init__(self):
+        try:
+            import rwkv
+            from rwkv.rwkv_tokenizer import TRIE_TOKENIZER
+        except ImportError as exc:
+            raise ImportError("the RWKV world tokenizer needs the `rwkv` package: pip install rwkv") from exc
+        self.vocab_file = os.path.join(os.path.dirname(rwkv.__file__), "rwkv_vocab_v20230424.txt")
+        self._tok = TRIE_TOKENIZER(self.vocab_file)
+
+    def encode(self, text: str) -> list[int]:
+        return self._tok.encode(text)
+
+    def decode(self, ids: list[int]) -> str:
+        # Id 0 (end of text) has no bytes; a cut through a multi-byte character gives U+FFFD for those bytes only.
+        table = self._tok.idx2token
+        return b"".join(table.get(i, b"") for i in ids).decode("utf-8", errors="replace")
+
+
+BINIDX_DTYPES = {1: np.uint8, 2: np.int8, 3: np.int16, 4: np.int32, 5: np.int64, 8: np.uint16}
+
+
+def read_binidx(prefix: str) -> np.ndarray:
+    """Tokens of an RWKV-LM / Megatron binidx pair (prefix.bin + prefix.idx) as one flat memory-mapped array.
+
+    .idx layout: magic b"MMIDIDX\\0\\0", version u64 (= 1), dtype code u8, sequence count u64, document count
+    u64, then int32 sizes, int64 pointers, int64 document starts. Windows may cross document boundaries, as in
+    RWKV-LM's own sampler.
+    """
+    with open(prefix + ".idx", "rb") as f:
+        head = f.read(34)
+        if len(head) < 34 or head[:9] != b"MMIDIDX\x00\x00":
+            raise ValueError(f"{prefix}.idx: not a binidx index (bad magic)")
+        version, code, n_seq, _ = struct.unpack("<QBQQ", head[9:])
+        if version != 1 or code not in BINIDX_DTYPES:
+            raise ValueError(f"{prefix}.idx: unsupported binidx version {version} or token dtype code {code}")
+        sizes = np.frombuffer(f.read(4 * n_seq), dtype=np.int32)
+    dtype = np.dtype(BINIDX_DTYPES[code])
+    n_tokens = int(sizes.astype(np.int64).sum())
+    if len(sizes) != n_seq or os.path.getsize(prefix + ".bin") < n_tokens * dtype.itemsize:
+        raise ValueError(f"{prefix}: .bin/.idx are truncated or do not match")
+    return np.memmap(prefix + ".bin", dtype=dtype, mode="r", shape=(n_tokens,))
+
+
+def _iter_documents(path: str):
+    """Documents of a text file (the whole file) or a JSONL file (the 'text' field of each line)."""
+    if path.endswith((".jsonl", ".json")):
+        with open(path, encoding="utf-8") as f:
+            for n, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    text = json.loads(line)["text"]
+                except (ValueError, KeyError, TypeError) as exc:
+                    raise ValueError(f"{path}:{n}: not a JSON object with a 'text' field ({exc})") from None
+                yield str(text)
+    else:
+        with open(path, encoding="utf-8", errors="replace") as f:
+            yield f.read()
+
+
+@functools.cache
+def world_tokenizer() -> WorldTokenizer:
+    """The tokenizer, loaded once (its vocabulary trie takes a second or two to build)."""
+    return WorldTokenizer()
+
+
+def tokenize_to_cache(files: list[str], cache_dir: str, what: str) -> np.ndarray:
+    """Tokenize files once into a uint16 .bin cache (documents end with token 0); later calls memory-map it.
+
+    The cache name hashes the paths, sizes and modification times, so an edited file is tokenized again.
+    The file is written under a temporary name and renamed, so a killed run never leaves a half cache.
+    """
+    key = hashlib.sha1(repr([(os.path.abspath(f), os.path.getsize(f), os.stat(f).st_mtime_ns) for f in files])
+                       .encode()).hexdigest()[:16]
+    cache = Path(cache_dir).expanduser() / f"{key}.bin"
+    if not cache.exists():
+        from tqdm import tqdm
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cache.with_suffix(f".{uuid.uuid4().hex}.tmp")
+        try:
+            with open(tmp, "wb") as out:
+                for path in tqdm(files, desc=f"tokenizing {what}", unit="file", disable=len(files) < 2):
+                    for doc in _iter_documents(path):
+                        ids = world_tokenizer().encode(doc) + [0]
+                        out.write(np.asarray(ids, dtype=np.uint16).tobytes())
+                out.flush()
+                os.fsync(out.fileno())
+            os.replace(tmp, cache)
+        finally:
+            tmp.unlink(missing_ok=True)
+    return np.memmap(cache, dtype=np.uint16, mode="r")
+
+
+def load_tokens(path: str, cache_dir: str) -> np.ndarray:
+    """One data source as a flat token array: binidx prefix (or its .bin/.idx), a directory of text files,
+    or a text / JSONL file; the empty path is the built-in corpus (the standard library's top-level *.py)."""
+    if not path:
+        files = sorted(glob.glob(os.path.join(sysconfig.get_paths()["stdlib"], "*.py")))
+        if not files:
+            raise FileNotFoundError("the built-in corpus needs the Python standard library's source files")
+        return tokenize_to_cache(files, cache_dir, "the built-in corpus (stdlib source)")
+    prefix = path[:-4] if path.endswith((".bin", ".idx")) else path
+    if os.path.isfile(prefix + ".idx") and os.path.isfile(prefix + ".bin"):
+        return read_binidx(prefix)
+    if path.endswith((".bin", ".idx")):
+        raise FileNotFoundError(f"{path}: a binidx source needs both {prefix}.bin and {prefix}.idx")
+    if os.path.isdir(path):
+        files = sorted(f for f in glob.glob(os.path.join(path, "**", "*"), recursive=True)
+                       if f.endswith((".txt", ".md", ".jsonl", ".json")))
+        if not files:
+            raise FileNotFoundError(f"{path}: no .txt/.md/.jsonl files in this directory")
+        return tokenize_to_cache(files, cache_dir, path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path}: data file not found")
+    return tokenize_to_cache([path], cache_dir, path)
+
+
+class TokenData:
+    """Random windows of T+1 tokens from several sources, each chosen with probability mix[i].
+
+    The last val_fraction of each source (at least one window) is validation; training windows never reach
+    into it. Sampling uses its own numpy generator, saved in checkpoints so a resumed run sees the same batches.
+    """
+
+    def __init__(self, sources: list[np.ndarray], mix: list[float], ctx_len: int, val_fraction: float,
+                 vocab_size: int, seed: int, names: list[str]):
+        if len(mix) != len(sources) or any(m < 0 for m in mix) or sum(mix) <= 0:
+            raise ValueError(f"--mix needs one non-negative weight per data source ({len(sources)}), got {mix}")
+        self.T, self.vocab_size, self.names = ctx_len, vocab_size, names
+        self.splits = []
+        for src, name in zip(sources, names):
+            n_val = max(int(len(src) * val_fraction), ctx_len + 1)
+            if len(src) - n_val < ctx_len + 1:
+                raise ValueError(f"{name}: {len(src)} tokens is too little for ctx_len {ctx_len} (train + validation)")
+            self.splits.append((src[:len(src) - n_val], src[len(src) - n_val:]))
+        self.mix = np.asarray(mix, dtype=np.float64) / sum(mix)
+        self.rng = np.random.Generator(np.random.PCG64(seed))
+
+    def batch(self, B: int, split: str = "train", rng: np.random.Generator | None = None):
+        """(x, y) int64 (B, T): y is x shifted by one token."""
+        rng = rng or self.rng
+        which = rng.choice(len(self.splits), size=B, p=self.mix)
+        rows = []
+        for i in which:
+            src = self.splits[i][0 if split == "train" else 1]
+            start = int(rng.integers(0, len(src) - self.T))
+            rows.append(np.asarray(src[start:start + self.T + 1], dtype=np.int64))
+        data = torch.from_numpy(np.stack(rows))
+        if int(data.max()) >= self.vocab_size or int(data.min()) < 0:
+            raise ValueError(f"token id {int(data.max())} out of range for vocab_size {self.vocab_size} "
+                             f"in {[self.names[i] for i in set(which.tolist())]}")
+        return data[:, :-1], data[:, 1:]
+
+    def state_dict(self) -> dict:
+        return self.rng.bit_generator.state
+
+    def load_state_dict(self, state: dict) -> None:
+        self.rng.bit_generator.state = state
+
+
+def build_data(cfg: CaMoEConfig, rank: int, is_ddp: bool) -> TokenData:
+    """Tokenize (rank 0 first, the others wait and reuse its cache) and open every configured source."""
+    paths = cfg.data_roots or [cfg.data_path]
+    mix = cfg.mix or [1.0] * len(paths)
+    if is_ddp and rank != 0:
+        dist.barrier()
+    sources = [load_tokens(p, cfg.cache_dir) for p in paths]
+    if is_ddp and rank == 0:
+        dist.barrier()
+    names = [p or "built-in corpus" for p in paths]
+    return TokenData(sources, mix, cfg.ctx_len, cfg.val_fraction, cfg.vocab_size, cfg.seed + rank, names)
+
+
+# -----------------------------------------------------------------------------
+# training
+
+
+def phase_and_lr(cfg: CaMoEConfig, step: int) -> tuple[str, float]:
+    """prewarm: constant lr; warmup: linear ramp from 0.1 lr to lr; normal: cosine decay to min_lr."""
+    if step < cfg.prewarm_steps:
+        return "prewarm", cfg.lr
+    step -= cfg.prewarm_steps
+    if step < cfg.warmup_steps:
+        return "warmup", cfg.lr * (0.1 + 0.9 * step / cfg.warmup_steps)
+    step -= cfg.warmup_steps
+    total = max(cfg.max_steps - cfg.prewarm_steps - cfg.warmup_steps, 1)
+    return "normal", cfg.min_lr + 0.5 * (1 + math.cos(math.pi * min(step / total, 1.0))) * (cfg.lr - cfg.min_lr)
+
+
+def make_optimizer(model: CaMoE_System, cfg: CaMoEConfig, device: torch.device) -> torch.optim.AdamW:
+    """AdamW; weight decay on the .weight matrices of linear layers only, as RWKV-LM does: not on embeddings,
+    DeepEmbed tables, norms, biases, or the (1, 1, C) mixes, decay/bonus vectors and LoRA factors of time mixing."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        is_table = name.startswith("emb.") or "k_emb" in name or "v_emb" in name
+        (decay if p.dim() == 2 and name.endswith(".weight") and not is_table else no_decay).append(p)
+    groups = [dict(params=decay, weight_decay=cfg.weight_decay), dict(params=no_decay, weight_decay=0.0)]
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.99), eps=1e-8, fused=device.type == "cuda")
+
+
+def autocast_ctx(cfg: CaMoEConfig, device: torch.device):
+    return torch.autocast("cuda", dtype=torch.bfloat16) if cfg.amp and device.type == "cuda" else nullcontext()
+
+
+@torch.no_grad()
+def estimate_val_loss(model: CaMoE_System, data: TokenData, cfg: CaMoEConfig, device, rank: int, world: int) -> float:
+    """Mean CE over eval_iters validation batches drawn from a fixed seed (the same set at every evaluation)."""
+    was_training = model.training
+    model.eval()
+    rng = np.random.Generator(np.random.PCG64(cfg.seed + 10_000))
+    total = torch.zeros(2, dtype=torch.float64, device=device)
+    for i in range(cfg.eval_iters):
+        x, y = data.batch(cfg.micro_bsz, "val", rng)
+        if i % world != rank:
+            continue
+        with autocast_ctx(cfg, device):
+            _, (_, loss), _ = model(x.to(device), y.to(device))
+        total += torch.stack([loss.double(), torch.ones((), dtype=torch.float64, device=device)])
+    if world > 1:
+        dist.all_reduce(total)
+    model.train(was_training)
+    return float(total[0] / total[1].clamp_min(1))
+
+
+def train_step(model, raw, optimizer, data, cfg, device, step, is_ddp, world) -> dict:
+    """One optimizer step: grad_accum micro-batches, market settlement, clip, frozen groups dropped, AdamW."""
+    phase, lr = phase_and_lr(cfg, step)
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    losses, skipped = [], 0
+    for micro in range(cfg.grad_accum):
+        x, y = data.batch(cfg.micro_bsz)
+        sync = micro == cfg.grad_accum - 1
+        with model.no_sync() if is_ddp and not sync else nullcontext():
+            with autocast_ctx(cfg, device):
+                _, (total, loss), infos = model(x.to(device), y.to(device))
+            finite = torch.isfinite(total).float()
+            if is_ddp:
+                dist.all_reduce(finite, op=dist.ReduceOp.MIN)
+            if finite.item() == 0:  # skip only this micro-batch, on every rank, and forget its market entries
+                skipped += 1
+                for b in raw.blocks:
+                    if cfg.router == "market" and b.pending:
+                        b.pending.pop()
+                continue
+            (total / cfg.grad_accum).backward()
+        losses.append(loss.item())
+    market = raw.settle_market(world, prewarm=phase == "prewarm")
+    if phase == "prewarm":  # frozen parameters: drop their gradients before clipping, so AdamW skips them
+        for p in raw.phase_groups()[1]:
+            p.grad = None
+    grad_norm = torch.nn.utils.clip_grad_norm_(raw.parameters(), cfg.grad_clip)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    out = dict(step=step, phase=phase, lr=lr, loss=float(np.mean(losses)) if losses else float("nan"),
+               grad_norm=float(grad_norm), skipped=skipped)
+    if market:
+        tokens = market["tokens"]
+        out["expert_share"] = (tokens / tokens.sum(-1, keepdim=True).clamp_min(1)).tolist()
+        out["capital_gini"] = [gini(b.capital.capital) for b in raw.blocks]
+        out["capital"] = [b.capital.capital.tolist() for b in raw.blocks]
+        out["price"] = [float(i["price"].mean()) for i in infos]
+    elif cfg.router == "softmax":
+        out["expert_share"] = [(i["counts"].float() / i["counts"].sum()).tolist() for i in infos]
+    return out
+
+
+class StopFlag:
+    """The first Ctrl-C (SIGINT) asks training to stop after the current step, checkpointed; a second one
+    interrupts at once. Under DDP every rank stops at the same step."""
+
+    def __init__(self):
+        self.requested = False
+        self._previous = signal.signal(signal.SIGINT, self._handle)
+
+    def _handle(self, signum, frame):
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+
+    def agreed(self, is_ddp: bool, device: torch.device) -> bool:
+        if not is_ddp:
+            return self.requested
+        flag = torch.tensor(float(self.requested), device=device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
+
+    def restore(self) -> None:
+        signal.signal(signal.SIGINT, self._previous)
+
+
+def rng_state(data: TokenData) -> dict:
+    """This process's random streams: data order, and torch's (bid noise, critic samples)."""
+    state = dict(data=data.state_dict(), torch=torch.get_rng_state())
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def save_checkpoint(path: Path, raw, optimizer, cfg, step, data, run_id, rank: int, world: int) -> None:
+    """Called on every rank (it gathers each rank's random streams, so a resumed DDP run draws what the
+    uninterrupted one would); rank 0 writes."""
+    rngs = [rng_state(data)]
+    if world > 1:
+        rngs = [None] * world
+        dist.all_gather_object(rngs, rng_state(data))
+    if rank == 0:
+        atomic_save(dict(model=raw.state_dict(), optimizer=optimizer.state_dict(), config=dataclasses.asdict(cfg),
+                         step=step, run_id=run_id, rng=rngs), path)
+
+
+def restore_rng(rngs: list[dict], data: TokenData, rank: int, seed: int, step: int) -> None:
+    if rank >= len(rngs):  # more processes than the run that saved: a fresh stream, moved past the early draws
+        data.rng = np.random.Generator(np.random.PCG64(seed + rank).jumped(step))
+        print(f"note: rank {rank} had no saved random state (the checkpoint has {len(rngs)}); it starts a fresh one")
+        return
+    data.load_state_dict(rngs[rank]["data"])
+    torch.set_rng_state(rngs[rank]["torch"])
+    if "cuda" in rngs[rank] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(rngs[rank]["cuda"])
+
+
+def train(cfg: CaMoEConfig, resume: bool = False, explicit: dict | None = None) -> None:
+    """Train (or resume) per cfg; writes out_dir/ckpt.pt and out_dir/metrics.jsonl (rank 0)."""
+    from tqdm import tqdm
+    is_ddp, rank, _, world, device = setup_ddp()
+    try:
+        if not is_ddp:
+            device = pick_device(cfg.device)
+        out_dir = Path(cfg.out_dir)
+        ckpt_path = out_dir / "ckpt.pt"
+        ckpt = None
+        if resume:
+            ckpt, saved = load_checkpoint(ckpt_path, CaMoEConfig)
+            cfg = dataclasses.replace(saved, **(explicit or {}))
+        seed_everything(cfg.seed + rank)
+        data = build_data(cfg, rank, is_ddp)
+        raw = CaMoE_System(cfg).to(device)
+        optimizer = make_optimizer(raw, cfg, device)
+        step, run_id = 0, uuid.uuid4().hex[:8]
+        if ckpt is not None:
+            missing, unexpected = raw.load_state_dict(ckpt["model"], strict=False)
+            if unexpected or any(not k.startswith(("blocks.", "deep_embed", "bridge")) for k in missing):
+                raise ValueError(f"{ckpt_path}: checkpoint does not fit this model (missing {missing[:3]}, "
+                                 f"unexpected {unexpected[:3]})")
+            new_params = [k for k, _ in raw.named_parameters() if k in missing]
+            if missing:
+                print(f"note: {len(missing)} parameters/buffers new since this checkpoint start from their initial values")
+            if new_params:  # AdamW's saved state is indexed by position, which no longer lines up
+                print("note: the optimizer state does not fit the grown model; AdamW restarts its moments")
+            else:
+                optimizer.load_state_dict(ckpt["optimizer"])
+            step, run_id = ckpt["step"], ckpt.get("run_id", run_id)
+            restore_rng(ckpt["rng"], data, rank, cfg.seed, step)
+        model = raw
+        if cfg.compile:
+            model = torch.compile(model)
+        if is_ddp:
+            from torch.nn.parallel import DistributedDataParallel as DDP
+            # market buffers stay in step through all-reduced totals; the critic's samples are per rank
+            no_buffer_sync = ({"forward_sync_buffers": False} if "forward_sync_buffers" in
+                              inspect.signature(DDP).parameters else {"broadcast_buffers": False})
+            model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None,
+                        find_unused_parameters=True, **no_buffer_sync)
+        model.train()
+        n_params = sum(p.numel() for p in raw.parameters())
+        if rank == 0:
+            print(f"CaMoE {cfg.version} size {cfg.size} router {cfg.router}: {n_params / 1e6:.1f}M parameters, "
+                  f"{cfg.n_layer} layers x {cfg.n_embd}, {cfg.num_rwkv_experts}R+{cfg.num_trans_experts}T experts, "
+                  f"top-{cfg.top_k}; device {device}, {world} process(es); run {run_id}, step {step}")
+        logger = MetricsLogger(out_dir / "metrics.jsonl" if rank == 0 else None)
+        tokens_per_step = cfg.micro_bsz * cfg.grad_accum * cfg.ctx_len * world
+        bar = tqdm(range(step, cfg.max_steps), initial=step, total=cfg.max_steps, disable=rank != 0,
+                   desc="train", unit="step")
+        stop = StopFlag()
+        stats = {}
+        try:
+            for step in bar:
+                t0 = time.time()
+                stats = train_step(model, raw, optimizer, data, cfg, device, step, is_ddp, world)
+                stats["tokens_per_s"] = tokens_per_step / (time.time() - t0)
+                last = step + 1 == cfg.max_steps
+                if cfg.eval_interval and ((step + 1) % cfg.eval_interval == 0 or last):
+                    stats["val_loss"] = estimate_val_loss(raw, data, cfg, device, rank, world)
+                logger.log(**stats)
+                bar.set_postfix(loss=f"{stats['loss']:.3f}", phase=stats["phase"],
+                                tok_s=f"{stats['tokens_per_s']:.0f}")
+                stopping = stop.agreed(is_ddp, device)
+                if (step + 1) % cfg.save_interval == 0 or last or stopping:
+                    save_checkpoint(ckpt_path, raw, optimizer, cfg, step + 1, data, run_id, rank, world)
+                if stopping:
+                    if rank == 0:
+                        print(f"\ninterrupted: saved {ckpt_path} after step {step + 1}; continue with --resume")
+                    raise SystemExit(130)
+        finally:
+            stop.restore()
+            logger.close()
+        if rank == 0 and "val_loss" in stats:
+            print(f"done: step {cfg.max_steps}, val loss {stats['val_loss']:.4f}, checkpoint {ckpt_path}")
+    finally:
+        cleanup_ddp()
+
+
+# -----------------------------------------------------------------------------
+# benchmark
+
+
+def bench(cfg: CaMoEConfig, steps: int) -> list[dict]:
+    """Training tokens/s (forward, backward, settlement, AdamW) of market vs softmax vs dense, one run."""
+    device = pick_device(cfg.device)
+    results = []
+    x = torch.randint(0, cfg.vocab_size, (cfg.micro_bsz, cfg.ctx_len + 1), generator=torch.Generator().manual_seed(0))
+    x, y = x[:, :-1].to(device), x[:, 1:].to(device)
+    for router in ("market", "softmax", "dense"):
+        c = dataclasses.replace(cfg, router=router)
+        torch.manual_seed(cfg.seed)
+        model = CaMoE_System(c).to(device).train()
+        optimizer = make_optimizer(model, c, device)
+
+        def one_step():
+            with autocast_ctx(c, device):
+                _, (total, _), _ = model(x, y)
+            total.backward()
+            model.settle_market()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+
+        seconds = float(np.mean(time_calls(one_step, device, steps, warmup=2)))
+        active = sum(p.numel() for n, p in model.named_parameters() if ".experts." not in n)
+        if router != "dense":
+            per_expert = [sum(p.numel() for p in e.parameters()) for e in model.blocks[0].experts]
+            active += c.n_layer * c.top_k * float(np.mean(per_expert))
+        results.append(dict(router=router, tokens_per_s=x.numel() / seconds, ms_per_step=seconds * 1e3,
+                            active_params=active))
+    base = {r["router"]: r["tokens_per_s"] for r in results}
+    print(f"CaMoE training throughput, size {cfg.size}, B={cfg.micro_bsz} T={cfg.ctx_len}, device {device}, "
+          f"{steps} timed steps each")
+    print(f"{'router':>8} {'tokens/s':>10} {'ms/step':>9} {'active params':>14} {'x softmax':>10}")
+    for r in results:
+        print(f"{r['router']:>8} {r['tokens_per_s']:>10.0f} {r['ms_per_step']:>9.1f} "
+              f"{r['active_params'] / 1e6:>13.2f}M {r['tokens_per_s'] / base['softmax']:>10.2f}")
+    print(f"market / softmax = {base['market'] / base['softmax']:.2f}x (target >= 0.9), "
+          f"market / dense = {base['market'] / base['dense']:.2f}x")
+    return results
+
+
+# -----------------------------------------------------------------------------
+# CLI
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        description="Train CaMoE (RWKV-7 backbone + market-routed experts). Every config field is a flag; "
+                    "unset flags take the --size preset's value.",
+)
+    parser.add_argument("--resume", action="store_true", help="continue from OUT_DIR/ckpt.pt (flags given now "
+                        "override the checkpoint's config)")
+    parser.add_argument("--bench", action="store_true", help="print training tokens/s of market vs softmax vs "
+                        "dense and exit")
+    parser.add_argument("--bench-steps", type=int, default=5, help="timed steps per router in --bench (default 5)")
+    defaults = CaMoEConfig()
+    for f in dataclasses.fields(CaMoEConfig):
+        flag = "--" + f.name.replace("_", "-")
+        default = getattr(defaults, f.name)
+        help_text = f"{FIELD_HELP[f.name]} (0.4b: {default})"
+        if f.name == "size":
+            parser.add_argument(flag, choices=list(SIZES), default="0.4b", help=FIELD_HELP[f.name])
+        elif f.type is bool:
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=help_text)
+        elif f.name in ("data_roots", "mix"):
+            parser.add_argument(flag, nargs="+", type=float if f.name == "mix" else str, default=None, help=help_text)
+        else:
+            parser.add_argument(flag, type=f.type, default=None, help=help_text,
+                                choices=["market", "softmax", "dense"] if f.name == "router" else None)
+    return parser
+
+
+def config_from_args(args: argparse.Namespace) -> tuple[CaMoEConfig, dict]:
+    """The size preset, then every flag given explicitly; returns (config, the explicit flags)."""
+    explicit = {f.name: getattr(args, f.name) for f in dataclasses.fields(CaMoEConfig)
+                if f.name != "size" and getattr(args, f.name) is not None}
+    cfg = dataclasses.replace(CaMoEConfig(size=args.size, **SIZES[args.size]), **explicit)
+    return cfg, explicit
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    cfg, explicit = config_from_args(args)
+    try:
+        if args.bench:
+            bench(cfg, args.bench_steps)
+        else:
+            train(cfg, resume=args.resume, explicit=explicit)
+    except (ValueError, OSError, ImportError) as exc:
+        raise SystemExit(f"camoe: error: {exc}") from None
+
+
+if __name__ == "__main__":
+    main()
