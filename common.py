@@ -171,7 +171,10 @@ def sample_next(logits: torch.Tensor, temperature: float = 1.0, top_k: int = 0, 
         raise ValueError(f"temperature must be >= 0, got {temperature}")
     if temperature == 0:
         return logits.argmax(dim=-1)
-    logits = logits.float() / temperature  # a new tensor: the caller's logits are never modified
+    logits = logits.float()
+    # shift by the max first (a new tensor: the caller's logits are never modified), so a tiny temperature
+    # sends the others to -inf instead of every logit to +-inf and NaN
+    logits = (logits - logits.amax(dim=-1, keepdim=True)) / temperature
     if 0 < top_k < logits.size(-1):
         kth_largest = torch.topk(logits, top_k, dim=-1).values[..., -1:]
         logits = logits.masked_fill(logits < kth_largest, float("-inf"))

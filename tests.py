@@ -210,6 +210,8 @@ def test_sample_next_greedy_cases():
         assert torch.equal(common.sample_next(logits, temperature=t, top_k=1), argmax)
         assert torch.equal(common.sample_next(logits, temperature=t, top_p=1e-9), argmax)
     assert common.sample_next(logits).shape == (4, 3)
+    # a subnormal temperature would overflow the scaled logits to +-inf (NaN probabilities) without the shift
+    assert torch.equal(common.sample_next(logits * 100, temperature=1e-45), argmax)
 
 
 def test_sample_next_top_k_and_top_p_support():
@@ -961,6 +963,25 @@ def test_tiny_batches_are_real_text_and_pad_targets_are_ignored(tmp_path):
     replay.close()
 
 
+def test_tiny_pulse_batches_hold_the_newest_line_and_windows_cover_the_end(tmp_path):
+    replay = tiny.PersistentReplayText(tmp_path / "training_data.bin")
+    filler = "".join(f"line {i} of the old history\n" for i in range(200))  # ~5.5 KB, many windows long
+    newest = "the newest line\n"
+    replay.append(filler)
+    replay.append(newest)
+    tok = tiny.DynamicTokenizer(filler + newest)
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(3):  # every training batch learns the line just typed
+        assert newest in tok.decode(replay.sample_batch(tok, 4, 65, gen)[0].tolist())
+    # the other windows: the end of the history is covered at least as often as its middle
+    windows = [replay.sample_window(64, False, gen) for _ in range(3000)]
+    at_end = sum("the newest line" in w for w in windows)
+    in_middle = sum("line 100 of the" in w for w in windows)
+    assert in_middle >= 10 and at_end >= in_middle, (at_end, in_middle)
+    assert all(len(w) == 64 for w in windows)
+    replay.close()
+
+
 def test_tiny_replay_reads_bounded_memory_on_a_200mb_history(tmp_path):
     path = tmp_path / "training_data.bin"
     old_block = ("alpha beta gamma\n" * 70_000).encode()[: 1 << 20]
@@ -1045,13 +1066,16 @@ def test_tiny_repl_bad_input_eof_autosave_and_restart(tmp_path):
     (tmp_path / "blob.bin").write_bytes(bytes(range(256)) * 10)
     (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
     bad = ["/frobnicate", "/temp=abc", "/topp=1.5", "/steps=-3", "/load_txt", "/load_txt missing.txt",
-           "/load_txt blob.bin", "/train blob.bin", "/load junk.pt", "/load missing.pt"]
-    commands = ["hello world", f"/load_txt {text_file}", *bad, "/temp=0", "/gen hel", "/help", "/stats"]
+           "/load_txt blob.bin", "/train blob.bin", "/load junk.pt", "/load missing.pt", f"/load_txt {tmp_path}"]
+    # a subnormal temperature must sample (greedily, in effect), not overflow to NaN and crash the REPL
+    commands = ["hello world", f"/load_txt {text_file}", *bad, "/temp=1e-45", "/gen hel", "/temp=0", "/gen hel",
+                "/help", "/stats"]
     first = _tiny_run(data, "\n".join(commands) + "\n")  # ends with EOF, no /quit
     assert first.returncode == 0, first.stderr
     assert "Traceback" not in first.stderr
     errors = [line for line in first.stdout.splitlines() if line.startswith("error:")]
     assert len(errors) == len(bad), errors
+    assert "is a directory" in first.stdout
     assert "learned" in first.stdout and "/load_txt FILE" in first.stdout
     history = (data / "training_data.bin").read_bytes()
     assert history == "hello world\nfirst line\nsecond line ✓\nthird line\n".encode()

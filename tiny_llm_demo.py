@@ -49,6 +49,7 @@ import string
 import sys
 import tempfile
 import threading
+import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -444,23 +445,28 @@ class PersistentReplayText:
     def _read_recent(self, start: int, n: int) -> bytes:
         return self.recent[start:start + n]
 
-    def sample_window(self, n_chars: int, recent: bool, generator: torch.Generator) -> str:
-        """n_chars consecutive characters from a random place of the cache or of the whole file
-        (fewer only if that source holds fewer characters)."""
+    def sample_window(self, n_chars: int, recent: bool, generator: torch.Generator, newest: bool = False) -> str:
+        """n_chars consecutive characters from the cache or the whole file (fewer only if that source is
+        shorter). The window's end byte is drawn uniformly and clamped at the end of the source, so every
+        byte, the newest included, is covered about equally often; newest=True takes the last window."""
         read, size = (self._read_recent, len(self.recent)) if recent else (self._read_file, self.size)
         span = 4 * n_chars + 6  # enough bytes for n_chars characters plus the cut ones at both edges
-        start = _randint(max(0, size - span) + 1, generator)
-        text = read(start, span).decode("utf-8", errors="ignore")  # drops partial characters at the edges
-        offset = _randint(max(0, len(text) - n_chars) + 1, generator)
-        return text[offset:offset + n_chars]
+        end = size if newest else min(size, n_chars + _randint(max(1, size), generator))
+        start = max(0, end - span)
+        text = read(start, end - start).decode("utf-8", errors="ignore")  # drops partial characters at the edges
+        if len(text) < n_chars:  # a window ending near the start of the file: the first n_chars instead
+            return read(0, span).decode("utf-8", errors="ignore")[:n_chars]
+        return text[-n_chars:]
 
     def sample_batch(self, tokenizer: DynamicTokenizer, batch_size: int, n_tokens: int,
                      generator: torch.Generator) -> torch.Tensor:
-        """Token ids (batch_size, n_tokens), PAD-filled only where the history is shorter than a window."""
+        """Token ids (batch_size, n_tokens), PAD-filled only where the history is shorter than a window.
+        Row 0 is the newest window (the line just typed is learned at once); each other row comes from the
+        recent cache with probability RECENT_FRACTION, else from anywhere in the history."""
         rows = torch.full((batch_size, n_tokens), PAD, dtype=torch.long)
         from_recent = torch.rand(batch_size, generator=generator) < RECENT_FRACTION
         for b in range(batch_size):
-            ids = tokenizer.encode(self.sample_window(n_tokens, bool(from_recent[b]), generator))
+            ids = tokenizer.encode(self.sample_window(n_tokens, bool(from_recent[b]), generator, newest=b == 0))
             rows[b, :len(ids)] = torch.tensor(ids, dtype=torch.long)
         return rows
 
@@ -468,6 +474,8 @@ class PersistentReplayText:
 def scan_text_file(path: str | os.PathLike) -> tuple[int, int]:
     """(lines, characters) of a UTF-8 text file, read in chunks; ValueError if it looks binary."""
     path = Path(path)
+    if path.is_dir():
+        raise IsADirectoryError(f"{path}: is a directory, not a text file")
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such file")
     lines = chars = 0
@@ -547,7 +555,7 @@ class OnlineLearner:
             try:
                 vocab = DynamicTokenizer.from_json(self.vocab_path.read_bytes())
             except ValueError as exc:
-                aside = self.vocab_path.with_name(self.vocab_path.name + ".corrupt")
+                aside = self.vocab_path.with_name(f"{self.vocab_path.name}.corrupt-{time.strftime('%Y%m%d-%H%M%S')}")
                 os.replace(self.vocab_path, aside)
                 messages.append(f"error: {self.vocab_path}: {exc}; kept it as {aside.name}, "
                                 "rebuilding the vocabulary from the checkpoint and the history")
@@ -556,7 +564,7 @@ class OnlineLearner:
                 self.load(self.checkpoint_path)
                 messages.append(f"resumed {self.checkpoint_path} (step {self.step}, {len(self.tokenizer)} tokens)")
             except ValueError as exc:
-                aside = self.checkpoint_path.with_name(self.checkpoint_path.name + ".corrupt")
+                aside = self.checkpoint_path.with_name(f"{self.checkpoint_path.name}.corrupt-{time.strftime('%Y%m%d-%H%M%S')}")
                 os.replace(self.checkpoint_path, aside)
                 messages.append(f"error: {exc}; moved it to {aside.name} and started a new model")
         if vocab is not None:
@@ -599,7 +607,10 @@ class OnlineLearner:
         if not math.isfinite(loss_value):
             return loss_value
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
+        if not torch.isfinite(grad_norm):  # an overflowed gradient would turn every weight into NaN
+            self.optimizer.zero_grad(set_to_none=True)
+            return float("nan")
         self.optimizer.step()
         self.step += 1
         self.ema.update(self.model, self.step, cfg.ema_decay)
@@ -624,8 +635,11 @@ class OnlineLearner:
 
     def learn_line(self, text: str) -> float | None:
         """Store one line of user text (on disk before training), then run a training pulse."""
-        self.add_text(text + "\n")
-        self.replay.append(text + "\n")
+        with deferred_sigint() as interrupted:  # Ctrl-C here must not lose the line: store it first
+            self.add_text(text + "\n")
+            self.replay.append(text + "\n")
+        if interrupted():
+            raise KeyboardInterrupt
         return self.train_pulse(self.config.steps)
 
     def learn_file(self, path: str | os.PathLike) -> float | None:
@@ -763,9 +777,9 @@ def handle_line(learner: OnlineLearner, line: str) -> bool:
     if not line.startswith("/"):
         print(pulse_report(learner, learner.learn_line(line)))
         return True
-    command, _, arg = line.partition(" ")
+    command, _, raw_arg = line.partition(" ")
     command, equals, value = command.partition("=")
-    arg = arg.strip()
+    arg = raw_arg.strip()
     if equals and command not in SETTINGS:
         command += "="
     if command in SETTINGS:
@@ -784,7 +798,8 @@ def handle_line(learner: OnlineLearner, line: str) -> bool:
         else:
             print(pulse_report(learner, learner.learn_file(arg)))
     elif command == "/gen":
-        print(learner.generate(arg) if len(learner.tokenizer) > N_SPECIAL else "(nothing learned yet)")
+        # the prefix is kept as typed: trailing spaces matter to a character model
+        print(learner.generate(raw_arg) if len(learner.tokenizer) > N_SPECIAL else "(nothing learned yet)")
     elif command == "/save":
         print(f"saved {learner.save(arg or None)} (step {learner.step})")
     elif command == "/load":
@@ -816,9 +831,12 @@ def run_repl(learner: OnlineLearner, interactive: bool) -> None:
                     break
             except (ValueError, OSError) as exc:
                 print(f"error: {exc}")
+            except Exception as exc:  # anything else (e.g. out of memory): report it, keep the session
+                print(f"error: {type(exc).__name__}: {exc}")
     except KeyboardInterrupt:
         print("\ninterrupted")
-    print(f"saved {learner.save()} (step {learner.step})")
+    finally:
+        print(f"saved {learner.save()} (step {learner.step})")
 
 # -----------------------------------------------------------------------------
 # benchmark
@@ -932,7 +950,11 @@ def main(argv: list[str] | None = None) -> int:
         status = 1
     except KeyboardInterrupt:
         print("\ninterrupted")
-    print(f"saved {learner.save()} (step {learner.step})")
+    except Exception as exc:  # e.g. out of memory: one line, and what was learned is still saved
+        print(f"error: {type(exc).__name__}: {exc}", file=sys.stderr)
+        status = 1
+    finally:
+        print(f"saved {learner.save()} (step {learner.step})")
     return status
 
 
