@@ -16,11 +16,14 @@ Design choices:
   becomes a larger tensor), so the optimizer keeps training it. Its Adam moments get zero rows for the
   new tokens; new rows are the mean of the known characters' rows plus small noise, and the EMA copy
   gets the same new rows. Old rows are untouched, so logits of known tokens do not move at a growth.
-- training_data.bin is append-only UTF-8 text. A training window is read by random access: seek to a
-  random byte, read 4 bytes per character of window (UTF-8's maximum), decode dropping the characters
-  cut at the edges. About 20% of a batch comes from an in-memory cache of the last 500 KB, the rest
-  from the whole file, so memory use does not depend on the history size. Windows are always real text;
-  padding only appears while the whole history is shorter than a window, and PAD targets are ignored.
+- training_data.bin is append-only UTF-8 text. A training window is read by random access: draw the
+  byte where it ends (clamped at the end of the file, so the newest text is covered as often as the
+  rest), read 4 bytes per character of window before it (UTF-8's maximum), decode dropping the
+  characters cut at the edges. Row 0 of every batch is the newest window, so the line just typed is
+  learned in its own pulse; of the other rows about 20% come from an in-memory cache of the last
+  500 KB, the rest from the whole file, so memory use does not depend on the history size. Windows
+  are always real text; padding only appears while the whole history is shorter than a window, and
+  PAD targets are ignored.
 - The learning rate follows a cosine with warmup over cycles of --lr-cycle-steps steps that restart
   (an online learner never finishes); the global step is the scheduler state kept in checkpoints.
 - Generation uses the EMA weights and a KV cache: the prompt is prefilled, then each token costs one
