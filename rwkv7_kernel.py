@@ -82,7 +82,7 @@ def wkv7_reference(r, w, k, v, a, b, initial_state=None):
 def _log_decay(w):
     """Per-step log decay -exp(w), floored at -MAX_SPREAD: exp(-120) is already 0 in float32 (and 1e-52 in
     float64), and the floor bounds every chunk's spread, so any w gives finite factors."""
-    return -torch.exp(w).clamp(max=MAX_SPREAD)
+    return torch.exp(w).clamp_(max=MAX_SPREAD).neg_()
 
 
 def _pick_chunk(g, chunk):
@@ -126,7 +126,7 @@ def _chunked_fwd(ra, g, bk, v, s0):
     mid = 0.5 * lg[..., -1:, :]                                  # (.., 1, N) log-midpoint of the chunk
     e_q = torch.exp(lg - mid)                                    # (.., C, N)
     e_ra = torch.cat([e_q, torch.exp(-mid), e_q[..., :-1, :]], -2)  # (.., 2C, N) exp(lg_t - m), exp(lg_{t-1} - m)
-    e_k = torch.exp(mid - lg)                                    # (.., C, N)
+    e_k = e_q.reciprocal()                                       # (.., C, N) exp(m - lg_t)
     e_mid = torch.exp(mid)
     RA = ra * e_ra                                               # [r exp(lg_t - m); a exp(lg_{t-1} - m)]
     BK = (bk.unflatten(-2, (2, C)) * e_k.unsqueeze(-3)).flatten(-3, -2)  # [b; k] * exp(m - lg_j)
@@ -152,7 +152,7 @@ def _chunked_fwd(ra, g, bk, v, s0):
     decay_f = decay.flatten(1, 2)[..., None, :]                  # (NC, B*H, 1, K)
     for c in range(nc):  # the sequential part, one chunk at a time
         UVf[c, :, :C].baddbmm_(Wf[c], st[c].transpose(1, 2))                               # U = W S0^T + Uv
-        torch.baddbmm(st[c] * decay_f[c], UVf[c].transpose(1, 2), tf[c], out=st[c + 1])  # S0 D + [U; V]^T tails
+        torch.mul(st[c], decay_f[c], out=st[c + 1]).baddbmm_(UVf[c].transpose(1, 2), tf[c])  # S0 D + [U; V]^T tails
     sT, states = states[-1].clone(), states[:-1]
     y = dec[..., :C, :] @ states.transpose(-1, -2) + M @ UV     # (.., C, V)
     saved = dict(ra=ra, bk=bk, e_ra=e_ra, e_k=e_k, e_mid=e_mid, RA=RA, BK=BK, dec=dec, tails=tails, decay=decay,
