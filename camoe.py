@@ -1134,6 +1134,7 @@ def save_checkpoint(path: Path, raw, optimizer, cfg, step, data, run_id, rank: i
 
 
 def restore_rng(rngs: list[dict], data: TokenData, rank: int, seed: int, step: int) -> None:
+    """Give this rank the random streams it had when the checkpoint was saved."""
     if rank >= len(rngs):  # more processes than the run that saved: a fresh stream, moved past the early draws
         data.rng = np.random.Generator(np.random.PCG64(seed + rank).jumped(step))
         print(f"note: rank {rank} had no saved random state (the checkpoint has {len(rngs)}); it starts a fresh one")
@@ -1156,6 +1157,9 @@ def train(cfg: CaMoEConfig, resume: bool = False, explicit: dict | None = None) 
         ckpt = None
         if resume:
             ckpt, saved = load_checkpoint(ckpt_path, CaMoEConfig)
+            absent = {"model", "optimizer", "step", "rng"} - set(ckpt)
+            if absent:
+                raise ValueError(f"{ckpt_path}: not a CaMoE training checkpoint (no {', '.join(sorted(absent))})")
             cfg = dataclasses.replace(saved, **(explicit or {}))
         seed_everything(cfg.seed + rank)
         data = build_data(cfg, rank, is_ddp)

@@ -710,6 +710,10 @@ def test_camoe_resume_continues_exactly_and_old_checkpoints_load(tmp_path, capsy
     assert len(_camoe_losses(split)) == 8
     assert "AdamW restarts its moments" in capsys.readouterr().out
 
+    torch.save({"config": ckpt["config"], "model": ckpt["model"]}, ckpt_path)  # someone else's file
+    with pytest.raises(SystemExit) as exc:
+        camoe.main(_camoe_args(tmp_path, "--out-dir", split, "--max-steps", "9", "--resume"))
+    assert "not a CaMoE training checkpoint (no optimizer, rng, step)" in str(exc.value)
     with open(ckpt_path, "wb") as f:
         f.write(b"not a checkpoint")
     capsys.readouterr()
