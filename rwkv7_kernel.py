@@ -15,6 +15,7 @@ Public entry point: `wkv7(r, w, k, v, a, b, initial_state=None, output_final_sta
 `python rwkv7_kernel.py --bench` times every available path against the reference on this machine.
 """
 import argparse
+import functools
 
 import torch
 import torch.nn.functional as F
@@ -34,6 +35,16 @@ CHUNK = 32  # chunk length of the chunked path (the longest; chosen once per cal
 MAX_SPREAD = 120.0
 
 
+def _full_precision(fn):
+    """Run fn with autocast off: the recurrence keeps its own dtypes (fp32 state) inside a caller's autocast."""
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        device = next(x.device.type for x in args if isinstance(x, torch.Tensor))
+        with torch.autocast(device, enabled=False):
+            return fn(*args, **kwargs)
+    return wrapper
+
+
 def _state_dtype(dtype):
     return torch.float64 if dtype == torch.float64 else torch.float32
 
@@ -42,6 +53,7 @@ def _state_dtype(dtype):
 # Reference: the plain per-step loop (autograd gives its backward)
 
 
+@_full_precision
 def wkv7_reference(r, w, k, v, a, b, initial_state=None):
     """The recurrence step by step in float32 (float64 for float64 inputs). Returns (y, final_state)."""
     B, T, H, N = r.shape
@@ -201,6 +213,7 @@ def _chunked_bwd(dy, dsT, ra, bk, e_ra, e_k, e_mid, RA, BK, dec, tails, decay, M
 
 class _WKV7Chunked(torch.autograd.Function):
     @staticmethod
+    @_full_precision
     def forward(ctx, r, w, k, v, a, b, s0):
         B, T, H, N = r.shape
         dt = _state_dtype(r.dtype)
@@ -216,6 +229,7 @@ class _WKV7Chunked(torch.autograd.Function):
 
     @staticmethod
     @torch.autograd.function.once_differentiable
+    @_full_precision
     def backward(ctx, dy, dsT):
         g, *saved = ctx.saved_tensors
         p, T, C = dict(zip(ctx.names, saved)), ctx.T, g.shape[-2]

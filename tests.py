@@ -357,6 +357,19 @@ def test_chunked_bf16_inputs_keep_fp32_state():
     assert _rel(y, y_ref) < 3e-2 and _rel(sT, s_ref) < 3e-2
 
 
+def test_paths_ignore_a_callers_autocast():
+    """Inside a model's bf16 autocast the recurrence still runs in its own dtypes: same y, state and grads."""
+    xs = [x.requires_grad_() for x in K.rwkv7_inputs(1, 40, 2, 16, torch.float32, seed=6)]
+    for fn in (K.wkv7_reference, K.wkv7_chunked):
+        y, sT = fn(*xs)
+        grads = torch.autograd.grad((y.sum() + sT.sum()), xs)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            y_ac, sT_ac = fn(*xs)
+        grads_ac = torch.autograd.grad((y_ac.sum() + sT_ac.sum()), xs)  # backward outside autocast, as advised
+        assert y_ac.dtype == torch.float32
+        torch.testing.assert_close((y_ac, sT_ac, grads_ac), (y, sT, grads))
+
+
 def test_state_carries_across_windows():
     """Running a sequence in two windows, passing the state, equals running it at once (chunked inference)."""
     xs = K.rwkv7_inputs(2, 45, 2, 16, torch.float32, seed=5)
@@ -602,6 +615,21 @@ def test_camoe_frozen_experts_do_not_trade_in_prewarm_and_only_matrices_decay():
     assert {"blocks.0.att.receptance.weight", "blocks.0.experts.0.key.weight", "head.weight"} <= decayed
     assert not decayed & {"blocks.0.att.w0", "blocks.0.att.w1", "blocks.0.att.k_a", "blocks.0.att.x_r", "emb.weight",
                           "blocks.0.att.ln_x.weight", "bridge.pos"}
+
+
+@pytest.mark.parametrize("router", ["market", "softmax", "dense"])
+def test_camoe_trains_under_bf16_autocast(router):
+    """The --amp path (bf16 autocast, CUDA in practice) on CPU: mixed dtypes meet in time mixing, the expert
+    fusion and the market without a dtype error, and the step is finite."""
+    torch.manual_seed(0)
+    model = camoe.CaMoE_System(_camoe_cfg(router=router)).train()
+    x, y = _bigram_batch(torch.Generator().manual_seed(1))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits, (total, _), _ = model(x, y)
+    total.backward()
+    model.settle_market()
+    assert logits.dtype == torch.bfloat16 and torch.isfinite(total)
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
 
 
 @pytest.mark.parametrize("router", ["softmax", "dense"])
