@@ -1203,6 +1203,20 @@ def test_tiny_ctrl_c_mid_pulse_autosaves_and_resumes(tmp_path):
     assert (data / "training_data.bin").read_text() == "first words\nsecond words\n"
 
 
+def test_tiny_sigterm_mid_pulse_autosaves_and_a_second_session_is_refused(tmp_path):
+    data = tmp_path / "data"
+    proc = _tiny_start_long_pulse(data, ["first words", "second words"])
+    second = _tiny_run(data, "third words\n")  # same data directory while the first one trains
+    assert second.returncode == 1 and "another tiny_llm_demo.py is using" in second.stderr
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0 and "Traceback" not in err, err
+    saved_step = int(re.search(r"^saved .* \(step (\d+)\)$", out, re.M).group(1))
+    assert saved_step > 5
+    assert (data / "training_data.bin").read_text() == "first words\nsecond words\n"
+    assert _tiny_stat(_tiny_run(data, "/stats\n").stdout, "training") == saved_step  # the lock went with it
+
+
 # ======================================================================================
 # alphagpt.py
 

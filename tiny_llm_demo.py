@@ -32,8 +32,8 @@ Design choices:
   window); this costs about one extra token's work per generated token, so the cost per token does
   not grow with the prefix. (Sliding a ring buffer instead would not equal the model on a cropped
   window: in layers above the first, cached keys were computed with context older than the window.)
-- Ctrl-C finishes the current training step, then the program autosaves and exits, as on /quit and
-  EOF. After a SIGKILL every line entered is already on disk: the restart loads the last checkpoint,
+- Ctrl-C (or SIGTERM) finishes the current training step, then the program autosaves and exits, as on
+  /quit and EOF. A lock on DATA_DIR/.lock keeps a second session out of the same directory. After a SIGKILL every line entered is already on disk: the restart loads the last checkpoint,
   grows it with the characters recorded in dynamic_vocab.json since, and replays the whole history.
 """
 
@@ -497,18 +497,27 @@ def scan_text_file(path: str | os.PathLike) -> tuple[int, int]:
 # online training
 
 
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)  # Ctrl-C, and a polite kill (e.g. a shutdown): both autosave
+
+
+def raise_keyboard_interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
 @contextlib.contextmanager
 def deferred_sigint():
-    """While the block runs, Ctrl-C only sets a flag (checked between steps) so no step is cut in half."""
+    """While the block runs, Ctrl-C (or SIGTERM) only sets a flag, checked between steps, so no step is cut in
+    half; outside such blocks both raise KeyboardInterrupt (see main)."""
     hits = []
     if threading.current_thread() is not threading.main_thread():
         yield lambda: False
         return
-    previous = signal.signal(signal.SIGINT, lambda *_: hits.append(1))
+    previous = [signal.signal(s, lambda *_: hits.append(1)) for s in STOP_SIGNALS]
     try:
         yield lambda: bool(hits)
     finally:
-        signal.signal(signal.SIGINT, previous)
+        for s, handler in zip(STOP_SIGNALS, previous):
+            signal.signal(s, handler)
 
 
 class OnlineLearner:
@@ -841,6 +850,22 @@ def run_repl(learner: OnlineLearner, interactive: bool) -> None:
     finally:
         print(f"saved {learner.save()} (step {learner.step})")
 
+def lock_data_dir(data_dir: str | os.PathLike):
+    """Hold an exclusive lock on DATA_DIR/.lock while this process lives, so two sessions cannot interleave
+    the history or overwrite each other's checkpoint. Returns the open lock file (None where there is no fcntl)."""
+    try:
+        import fcntl
+    except ImportError:
+        return None
+    Path(data_dir).mkdir(parents=True, exist_ok=True)
+    lock = open(Path(data_dir) / ".lock", "a")
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        lock.close()
+        raise OSError(f"{data_dir}: another tiny_llm_demo.py is using this data directory") from None
+    return lock
+
 # -----------------------------------------------------------------------------
 # benchmark
 
@@ -935,6 +960,21 @@ def main(argv: list[str] | None = None) -> int:
     for stream in (sys.stdin, sys.stdout):
         if stream is not None:  # undecodable bytes in input or a narrow terminal must not crash the REPL
             stream.reconfigure(encoding="utf-8", errors="replace")
+    signal.signal(signal.SIGTERM, raise_keyboard_interrupt)  # a polite kill autosaves, like Ctrl-C
+    try:
+        lock = lock_data_dir(args.data_dir)
+    except OSError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    try:
+        return run_session(config, args, overrides, device)
+    finally:
+        if lock is not None:
+            lock.close()
+
+
+def run_session(config: TinyConfig, args: argparse.Namespace, overrides: dict, device: torch.device) -> int:
+    """Resume the data directory, then the REPL or --load-txt; always autosaves. Returns the exit status."""
     try:
         learner = OnlineLearner(config, args.data_dir, device)
         for message in learner.resume(overrides):
