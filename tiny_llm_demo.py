@@ -33,8 +33,9 @@ Design choices:
   not grow with the prefix. (Sliding a ring buffer instead would not equal the model on a cropped
   window: in layers above the first, cached keys were computed with context older than the window.)
 - Ctrl-C (or SIGTERM) finishes the current training step, then the program autosaves and exits, as on
-  /quit and EOF. A lock on DATA_DIR/.lock keeps a second session out of the same directory. After a SIGKILL every line entered is already on disk: the restart loads the last checkpoint,
-  grows it with the characters recorded in dynamic_vocab.json since, and replays the whole history.
+  /quit and EOF. A lock on DATA_DIR/.lock keeps a second session out of the same directory. After a
+  SIGKILL every line entered is already on disk: the restart loads the last checkpoint, grows it with the
+  characters recorded in dynamic_vocab.json since, and replays the whole history.
 """
 
 from __future__ import annotations
