@@ -30,7 +30,6 @@ import json
 import math
 import os
 import re
-import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,7 +40,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from common import atomic_save, atomic_write_bytes, load_checkpoint, pick_device, seed_everything
+from common import atomic_save, atomic_write_bytes, load_checkpoint, pick_device, seed_everything, time_calls
 
 # -----------------------------------------------------------------------------
 # config
@@ -1262,14 +1261,6 @@ class AlphaEngine:
 # benchmark
 
 
-def _timed(fn):
-    start = time.perf_counter()
-    result = fn()
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-    return result, time.perf_counter() - start
-
-
 def bench(cfg: AlphaConfig, n_formulas: int, n_one_by_one: int) -> None:
     """Formulas scored per second, batched (execute_batch + vectorised backtest) vs one by one (the seed's
     loop: execute + backtest per formula), on the same synthetic data and formulas; then Postgres load time,
@@ -1283,10 +1274,18 @@ def bench(cfg: AlphaConfig, n_formulas: int, n_one_by_one: int) -> None:
     gen = torch.Generator(device=engine.device).manual_seed(cfg.seed)
     tokens = sample_formulas(engine.vocab, cfg.max_formula_len, n_formulas, engine.device, generator=gen)
     engine.score_formulas(tokens[: cfg.eval_chunk], data)                          # warm-up
-    (batched, _), t_batched = _timed(lambda: engine.score_formulas(tokens, data))
     subset = tokens[:n_one_by_one]
-    one_by_one, t_one = _timed(lambda: [engine.score_one(t.tolist(), data)["score"] for t in subset])
-    diff = (batched[:n_one_by_one].cpu() - torch.tensor(one_by_one)).abs().max().item()
+    out = {}  # what the timed calls computed
+
+    def batched():
+        out["batched"] = engine.score_formulas(tokens, data)[0]
+
+    def one_by_one():
+        out["one_by_one"] = torch.tensor([engine.score_one(t.tolist(), data)["score"] for t in subset])
+
+    t_batched, = time_calls(batched, engine.device, 1, warmup=0)
+    t_one, = time_calls(one_by_one, engine.device, 1, warmup=0)
+    diff = (out["batched"][:n_one_by_one].cpu() - out["one_by_one"]).abs().max().item()
     rate_b, rate_1 = n_formulas / t_batched, len(subset) / t_one
     K, N, T = data.feat.shape
     print(f"formula evaluation on {N} tokens x {T} bars, {engine.device}, {torch.get_num_threads()} threads, "
@@ -1309,9 +1308,9 @@ def bench(cfg: AlphaConfig, n_formulas: int, n_one_by_one: int) -> None:
         ingest_csv(conn, schema, frame_to_csv(frame), "synthetic market")
         times = {}
         for use_copy in (True, False):
-            runs = [_timed(lambda: load_frame(conn, schema, len(frame.addresses), use_copy)) for _ in range(3)]
-            times[use_copy] = min(t for _, t in runs)
-            if not np.array_equal(runs[0][0][0].values, frame.values):
+            load = lambda: load_frame(conn, schema, len(frame.addresses), use_copy)
+            times[use_copy] = min(time_calls(load, torch.device("cpu"), 3, warmup=0))
+            if not np.array_equal(load()[0].values, frame.values):
                 raise AlphaError("bench: the frame loaded from Postgres differs from the one written")
         rows = len(frame.addresses) * len(frame.times)
         print(f"postgres load of {rows} candles ({len(frame.addresses)} tokens), best of 3, pivot included:")

@@ -41,8 +41,8 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
-from common import (MetricsLogger, atomic_save, cleanup_ddp, load_checkpoint, pick_device, seed_everything,
-                    setup_ddp, time_calls)
+from common import (MetricsLogger, atomic_save, atomic_write, cleanup_ddp, load_checkpoint, pick_device,
+                    seed_everything, setup_ddp, time_calls)
 from rwkv7_kernel import wkv7
 
 # -----------------------------------------------------------------------------
@@ -533,11 +533,11 @@ class SparseRouter(nn.Module):
             top = probs.topk(k, dim=-1)
             weights = top.values / top.values.sum(-1, keepdim=True)
             return top.indices, weights, torch.zeros_like(probs[:, 0]), probs
-        log_bid = logits + cfg.wealth_weight * wealth + cfg.affinity_weight * torch.tanh(affinity.detach())
+        # bids select and price; they carry no gradient (the weights below do)
+        log_bid = logits.detach() + cfg.wealth_weight * wealth + cfg.affinity_weight * torch.tanh(affinity.detach())
         if self.training and cfg.bid_noise > 0:
             log_bid = log_bid + cfg.bid_noise * torch.randn_like(log_bid)
-        log_bid = log_bid.clamp(-30.0, 30.0)
-        bids = (1.0 + difficulty.detach()).unsqueeze(-1) * torch.exp(log_bid.detach())  # (N, E)
+        bids = (1.0 + difficulty.detach()).unsqueeze(-1) * torch.exp(log_bid.clamp(-30.0, 30.0))  # (N, E)
         top = bids.topk(min(k + 1, bids.shape[-1]), dim=-1)
         winners = top.indices[:, :k]
         price = top.values[:, k] if bids.shape[-1] > k else torch.zeros_like(bids[:, 0])
@@ -892,26 +892,20 @@ def tokenize_to_cache(files: list[str], cache_dir: str, what: str) -> np.ndarray
     """Tokenize files once into a uint16 .bin cache (documents end with token 0); later calls memory-map it.
 
     The cache name hashes the paths, sizes and modification times, so an edited file is tokenized again.
-    The file is written under a temporary name and renamed, so a killed run never leaves a half cache.
+    The file is written atomically (common.atomic_write), so a killed run never leaves a half cache.
     """
     key = hashlib.sha1(repr([(os.path.abspath(f), os.path.getsize(f), os.stat(f).st_mtime_ns) for f in files])
                        .encode()).hexdigest()[:16]
     cache = Path(cache_dir).expanduser() / f"{key}.bin"
     if not cache.exists():
         from tqdm import tqdm
-        cache.parent.mkdir(parents=True, exist_ok=True)
-        tmp = cache.with_suffix(f".{uuid.uuid4().hex}.tmp")
-        try:
-            with open(tmp, "wb") as out:
-                for path in tqdm(files, desc=f"tokenizing {what}", unit="file", disable=len(files) < 2):
-                    for doc in _iter_documents(path):
-                        ids = world_tokenizer().encode(doc) + [0]
-                        out.write(np.asarray(ids, dtype=np.uint16).tobytes())
-                out.flush()
-                os.fsync(out.fileno())
-            os.replace(tmp, cache)
-        finally:
-            tmp.unlink(missing_ok=True)
+
+        def write(out):
+            for path in tqdm(files, desc=f"tokenizing {what}", unit="file", disable=len(files) < 2):
+                for doc in _iter_documents(path):
+                    out.write(np.asarray(world_tokenizer().encode(doc) + [0], dtype=np.uint16).tobytes())
+
+        atomic_write(cache, write)
     return np.memmap(cache, dtype=np.uint16, mode="r")
 
 

@@ -89,8 +89,9 @@ def time_calls(fn: Callable[[], object], device: torch.device, repeat: int, warm
 _UMASK = os.umask(0o022)
 os.umask(_UMASK)                                        # read once: the umask can only be read by setting it
 
-def _atomic_write(path: PathLike, write_fn: Callable[[BinaryIO], None]) -> None:
-    """Write via write_fn to a temp file next to path, fsync it, then rename it over path."""
+def atomic_write(path: PathLike, write_fn: Callable[[BinaryIO], None]) -> None:
+    """Write via write_fn (it may stream) to a temp file next to path, fsync it, then rename it over path:
+    a crash leaves either the old file or the new one, never a torn one."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
@@ -116,11 +117,11 @@ def _atomic_write(path: PathLike, write_fn: Callable[[BinaryIO], None]) -> None:
 
 def atomic_save(obj: object, path: PathLike) -> None:
     """torch.save obj to path so that a crash leaves either the old file or the new one, never a torn one."""
-    _atomic_write(path, lambda f: torch.save(obj, f))
+    atomic_write(path, lambda f: torch.save(obj, f))
 
 def atomic_write_bytes(data: bytes, path: PathLike) -> None:
     """Write data to path with the same all-or-nothing guarantee as atomic_save."""
-    _atomic_write(path, lambda f: f.write(data))
+    atomic_write(path, lambda f: f.write(data))
 
 # -----------------------------------------------------------------------------
 # checkpoints

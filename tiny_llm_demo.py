@@ -603,11 +603,16 @@ class OnlineLearner:
 
     # --- training -------------------------------------------------------------------
 
+    def current_lr(self) -> float:
+        """Cosine with warmup over cycles of lr_cycle_steps that restart (an online learner never finishes)."""
+        cfg = self.config
+        return cosine_lr(self.step % cfg.lr_cycle_steps, lr=cfg.lr, warmup_steps=cfg.warmup_steps,
+                         total_steps=cfg.lr_cycle_steps, min_lr=cfg.min_lr)
+
     def train_step(self) -> float:
         """One AdamW step on a replay batch; returns the loss (a non-finite loss skips the update)."""
         cfg = self.config
-        lr = cosine_lr(self.step % cfg.lr_cycle_steps, lr=cfg.lr, warmup_steps=cfg.warmup_steps,
-                       total_steps=cfg.lr_cycle_steps, min_lr=cfg.min_lr)
+        lr = self.current_lr()
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         self.optimizer.param_groups[0]["weight_decay"] = cfg.weight_decay
@@ -730,8 +735,7 @@ class OnlineLearner:
     def stats(self) -> str:
         cfg = self.config
         n_params = sum(p.numel() for p in self.model.parameters())
-        lr = cosine_lr(self.step % cfg.lr_cycle_steps, lr=cfg.lr, warmup_steps=cfg.warmup_steps,
-                       total_steps=cfg.lr_cycle_steps, min_lr=cfg.min_lr)
+        lr = self.current_lr()
         return "\n".join([
             f"history: {self.replay.size:,} bytes in {self.replay.path} ({len(self.replay.recent):,} cached)",
             f"vocabulary: {len(self.tokenizer)} tokens ({len(self.tokenizer) - N_SPECIAL} characters + PAD, UNK)",
