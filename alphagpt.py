@@ -242,23 +242,31 @@ def ts_delay(x: torch.Tensor, d: int) -> torch.Tensor:
 
 
 def rolling_mean_std(x: torch.Tensor, window: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Mean and std of x[t-window+1 .. t] (fewer bars at the start); cumulative sums in float64."""
+    """Mean and std of x[t-window+1 .. t] (fewer bars at the start): window sums are differences of cumulative
+    sums, kept in float64 so that large values earlier in the series do not swamp a small variance."""
     T = x.shape[-1]
     xd = x.double()
-    c1, c2 = xd.cumsum(-1), (xd * xd).cumsum(-1)                  # sums of x[0 .. t]
-    n = torch.arange(1, T + 1, device=x.device).clamp(max=window).double()
-    mean = (c1 - ts_delay(c1, window)) / n                       # ts_delay: the sum up to t - window, 0 before
-    var = ((c2 - ts_delay(c2, window)) / n - mean * mean).clamp(min=0)
-    return mean.to(x.dtype), var.sqrt().to(x.dtype)
+    sums = xd.new_empty((2,) + x.shape)                          # (2, ..., T): sums of x and of x^2
+    sums[0] = xd
+    torch.mul(xd, xd, out=sums[1])
+    sums.cumsum_(-1)                                             # over bars 0 .. t
+    win = sums.clone()
+    win[..., window:] -= sums[..., :-window]                     # over bars t-window+1 .. t
+    win *= 1.0 / torch.arange(1, T + 1, device=x.device, dtype=torch.float64).clamp_(max=window)
+    mean, mean_sq = win
+    var = mean_sq.sub_(mean * mean).clamp_(min=0)
+    return mean.to(x.dtype), var.to(x.dtype).sqrt_()
 
 
 def _op_gate(cond, x, y):
-    return torch.where(cond > 0, x, y)
+    # a 0/1 blend equals torch.where(cond > 0, x, y) for finite values (the VM's are) at a fraction of its cost
+    take_x = (cond > 0).to(x.dtype)
+    return x * take_x + y * (1 - take_x)
 
 
 def _op_jump(x):
     mean, std = rolling_mean_std(x, 20)
-    return F.relu((x - mean) / (std + 1e-6) - 3.0)
+    return torch.relu_((x - mean).div_(std.add_(1e-6)).sub_(3.0))
 
 
 def _op_decay(x):
@@ -285,6 +293,10 @@ OPS_CONFIG = [
     ("DELAY1", lambda x: ts_delay(x, 1), 1),
     ("MAX3", _op_max3, 1),
 ]
+
+
+# Given clean inputs (finite, within +-VALUE_CLIP) these return clean values, so the VM skips cleaning them.
+CLOSED_OPS = {"NEG", "ABS", "SIGN", "GATE", "DELAY1", "MAX3"}
 
 
 def clean_values(x: torch.Tensor) -> torch.Tensor:
@@ -449,7 +461,8 @@ class StackVM:
     def __init__(self, vocab: FormulaVocab):
         self.vocab = vocab
         self.feat_offset = vocab.n_feat
-        self.ops = [(fn, arity) for _, fn, arity in OPS_CONFIG]
+        self.ops = [(fn, arity, name not in CLOSED_OPS) for name, fn, arity in OPS_CONFIG]   # (fn, arity, clean?)
+        self._buffer: torch.Tensor | None = None
 
     def execute(self, formula_tokens: list[int], feat_tensor: torch.Tensor) -> torch.Tensor | None:
         """One formula.  feat_tensor: (K, N, T) -> (N, T) or None."""
@@ -459,17 +472,18 @@ class StackVM:
             if tok == self.vocab.end:
                 break
             if 0 <= tok < self.feat_offset:
-                stack.append(feat_tensor[tok])
+                stack.append(clean_values(feat_tensor[tok]))
             elif self.feat_offset <= tok < self.vocab.end:
-                fn, arity = self.ops[tok - self.feat_offset]
+                fn, arity, clean = self.ops[tok - self.feat_offset]
                 if len(stack) < arity:
                     return None
                 args = stack[len(stack) - arity:]
                 del stack[len(stack) - arity:]
-                stack.append(clean_values(fn(*args)))
+                out = fn(*args)
+                stack.append(clean_values(out) if clean else out)
             else:
                 return None
-        return clean_values(stack[0]) if len(stack) == 1 else None
+        return stack[0] if len(stack) == 1 else None
 
     def compile(self, formulas: list[list[int]]) -> tuple[list[tuple[int, ...]], list[int], list[int]]:
         """Run the stack symbolically over a batch, sharing identical sub-expressions. Node ids 0..K-1 are the
@@ -503,6 +517,16 @@ class StackVM:
             roots.append(stack[0] if ok and len(stack) == 1 else -1)
         return nodes, heights, roots
 
+    def _workspace(self, rows: int, like: torch.Tensor) -> torch.Tensor:
+        """(rows, N, T) scratch for node values, kept between calls: a fresh allocation of this size is
+        returned to the OS when freed, and touching its pages again every chunk cost more than the ops."""
+        shape = (rows,) + like.shape[1:]
+        buf = self._buffer
+        if buf is None or buf.dtype != like.dtype or buf.device != like.device or buf.shape[1:] != shape[1:] \
+                or buf.shape[0] < rows:
+            buf = self._buffer = like.new_empty(shape)
+        return buf[:rows]
+
     def evaluate_unique(self, formulas: torch.Tensor, feat_tensor: torch.Tensor):
         """Batched execution: compile the batch, then evaluate its distinct nodes level by level, one call per
         (height, operator) group, so the work is one call per group instead of one per formula and token.
@@ -514,23 +538,33 @@ class StackVM:
         slot = torch.empty(K + len(nodes), dtype=torch.long)
         slot[:K] = torch.arange(K)
         slot[torch.tensor(order, dtype=torch.long) + K] = torch.arange(K, K + len(nodes))
-        vals = feat_tensor.new_empty((K + len(nodes),) + feat_tensor.shape[1:])      # (K + nodes, N, T)
-        vals[:K] = feat_tensor
+        vals = self._workspace(K + len(nodes), feat_tensor)                           # (K + nodes, N, T)
+        vals[:K] = clean_values(feat_tensor)
         start = 0
         while start < len(order):
             h, op = heights[order[start]], nodes[order[start]][0]
             stop = start
             while stop < len(order) and (heights[order[stop]], nodes[order[stop]][0]) == (h, op):
                 stop += 1
-            fn, arity = self.ops[op]
-            children = slot[torch.tensor([nodes[i][1:] for i in order[start:stop]])].to(dev)   # (g, arity)
-            out = fn(*(vals.index_select(0, children[:, j]) for j in range(arity)))            # (g, N, T)
-            torch.clamp(out, -VALUE_CLIP, VALUE_CLIP, out=vals[K + start: K + stop]).nan_to_num_(0.0)
+            fn, arity, clean = self.ops[op]
+            children = slot[torch.tensor([nodes[i][1:] for i in order[start:stop]])]          # (g, arity)
+            out = vals[K + start: K + stop]                                                   # (g, N, T)
+            out.copy_(fn(*(self._rows(vals, children[:, j]) for j in range(arity))))
+            if clean:
+                out.nan_to_num_(0.0).clamp_(-VALUE_CLIP, VALUE_CLIP)
             start = stop
         root_t = torch.tensor(roots, dtype=torch.long)
         unique_roots, index = torch.unique(root_t.clamp(min=0), return_inverse=True)
         index = torch.where(root_t >= 0, index, -1).to(dev)
-        return clean_values(vals.index_select(0, slot[unique_roots].to(dev))), index
+        return self._rows(vals, slot[unique_roots]), index
+
+    @staticmethod
+    def _rows(vals: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        """vals[idx] for a CPU index: a view when the rows are consecutive (no copy), else a gather."""
+        first = int(idx[0])
+        if torch.equal(idx, torch.arange(first, first + len(idx))):
+            return vals[first: first + len(idx)]
+        return vals.index_select(0, idx.to(vals.device))
 
     def execute_batch(self, formulas: torch.Tensor, feat_tensor: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """All formulas at once (see evaluate_unique).  formulas: (F, L) -> values (F, N, T) (zeros where
@@ -839,8 +873,9 @@ class MarketData:
         """Bars [start, end). The target's last two bars are zeroed: they would look past the slice."""
         target = self.target[:, start:end].clone()
         target[:, -2:] = 0
-        return MarketData(self.feat[:, :, start:end], self.liquidity[:, start:end], target,
-                          self.feature_names, self.symbols)
+        # contiguous copies: every op on a strided slice of the full series runs markedly slower
+        return MarketData(self.feat[:, :, start:end].contiguous(), self.liquidity[:, start:end].contiguous(),
+                          target, self.feature_names, self.symbols)
 
 
 def build_market_data(frame: MarketFrame, factors: str, device: torch.device) -> MarketData:
@@ -1044,18 +1079,33 @@ class MemeBacktest:
         self.entry, self.drawdown_threshold, self.drawdown_penalty = entry, drawdown_threshold, drawdown_penalty
         self.min_trades, self.inactive_score = min_trades, inactive_score
         self.entry_logit = math.log(entry / (1 - entry))      # sigmoid(f) > entry  <=>  f > logit(entry)
+        self._market: tuple | None = None                      # (liquidity, target_ret, their bar masks)
+
+    def bar_masks(self, liquidity: torch.Tensor, target_ret: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """What depends on the market only, (N, T) each: tradable, cost of a position change, and whether a
+        held / entered / left bar loses more than the drawdown threshold. Kept for the last market seen, so
+        scoring formula after formula on the same data computes them once."""
+        if self._market is None or self._market[0] is not liquidity or self._market[1] is not target_ret:
+            cost = self.base_fee + (self.trade_size_usd / liquidity).clamp(max=0.05)  # liq 0 -> impact 0.05
+            limit = -self.drawdown_threshold
+            masks = (liquidity > self.min_liquidity, cost,
+                     target_ret < limit, target_ret - cost < limit, -cost < limit)
+            self._market = (liquidity, target_ret, masks)
+        return self._market[2]
 
     def token_scores(self, factors: torch.Tensor, liquidity: torch.Tensor, target_ret: torch.Tensor):
-        """factors: (F, N, T), liquidity / target_ret: (N, T) -> scores (F, N), cumulative pnl (F, N)."""
-        tradable = liquidity > self.min_liquidity                                # (N, T)
-        cost = self.base_fee + (self.trade_size_usd / liquidity).clamp(max=0.05)  # (N, T); liq 0 -> impact 0.05
+        """factors: (F, N, T), liquidity / target_ret: (N, T) -> scores (F, N), cumulative pnl (F, N).
+        Works on 0/1 masks and sums only: masked selects (torch.where) are many times slower on CPU."""
+        tradable, cost, loss_held, loss_entered, loss_left = self.bar_masks(liquidity, target_ret)  # (N, T)
         pos = (factors > self.entry_logit) & tradable                             # (F, N, T) bool
         change = pos.clone()                                                      # pos_t != pos_{t-1}
         change[..., 1:] ^= pos[..., :-1]
-        pnl = torch.where(pos, target_ret, 0.0) - torch.where(change, cost, 0.0)  # (F, N, T)
-        cum = pnl.sum(-1)                                                         # (F, N)
-        big_losses = (pnl < -self.drawdown_threshold).sum(-1)
-        trades = (change & pos).sum(-1)                                           # entries
+        entry = change & pos
+        cum = (pos * target_ret).sum(-1) - (change * cost).sum(-1)                # (F, N)
+        # bars whose pnl is below -drawdown_threshold, by kind: held (pnl = ret), entered (ret - cost), left (-cost)
+        big_losses = (((pos ^ entry) & loss_held).sum(-1) + (entry & loss_entered).sum(-1)
+                      + ((change ^ entry) & loss_left).sum(-1))
+        trades = entry.sum(-1)
         score = cum - self.drawdown_penalty * big_losses
         score = torch.where(trades < self.min_trades, torch.full_like(score, self.inactive_score), score)
         return score, cum
