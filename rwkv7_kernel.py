@@ -160,11 +160,12 @@ def _chunked_fwd(ra, g, bk, v, s0):
     nc = g.shape[0]
     states = s0.new_empty(nc + 1, *s0.shape)                     # (NC + 1, B, H, V, K) state entering each chunk
     states[0] = s0
-    st, UVf, Wf, tf = (x.flatten(1, 2) for x in (states, UV, W, tails))  # (NC, B*H, ..) views
-    decay_f = decay.flatten(1, 2)[..., None, :]                  # (NC, B*H, 1, K)
+    # per-chunk (B*H, ..) views, made once: indexing inside the loop costs more than its small matmuls
+    st, U, UVt, Wf, tf, decay_f = (x.flatten(1, 2).unbind(0) for x in
+                                   (states, UV[..., :C, :], UV.transpose(-1, -2), W, tails, decay[..., None, :]))
     for c in range(nc):  # the sequential part, one chunk at a time
-        UVf[c, :, :C].baddbmm_(Wf[c], st[c].transpose(1, 2))                               # U = W S0^T + Uv
-        torch.mul(st[c], decay_f[c], out=st[c + 1]).baddbmm_(UVf[c].transpose(1, 2), tf[c])  # S0 D + [U; V]^T tails
+        U[c].baddbmm_(Wf[c], st[c].transpose(1, 2))                                       # U = W S0^T + Uv
+        torch.mul(st[c], decay_f[c], out=st[c + 1]).baddbmm_(UVt[c], tf[c])                # S0 D + [U; V]^T tails
     sT, states = states[-1].clone(), states[:-1]
     y = dec[..., :C, :] @ states.transpose(-1, -2) + M @ UV     # (.., C, V)
     saved = dict(ra=ra, bk=bk, e_ra=e_ra, e_k=e_k, e_mid=e_mid, RA=RA, BK=BK, dec=dec, tails=tails, decay=decay,
