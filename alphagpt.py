@@ -1194,8 +1194,10 @@ class AlphaEngine:
         rewards, usable = [], []
         for chunk in tokens.split(self.cfg.eval_chunk):
             values, index = self.vm.evaluate_unique(chunk, data.feat)                    # (U, N, T), (f,)
-            # one std per formula: on CPU, PyTorch's std(dim=1) over (U, N*T) is ~5x slower than this loop
-            degenerate = torch.stack([v.std() for v in values]) < 1e-4                   # (U,)
+            # one std per formula: on CPU, PyTorch's std(dim=1) over (U, N*T) is ~7x slower than a loop of
+            # whole-tensor stds; on a GPU the loop would be U kernel launches instead of one
+            std = values.flatten(1).std(1) if values.is_cuda else torch.stack([v.std() for v in values])
+            degenerate = std < 1e-4                                                       # (U,)
             fitness, _ = self.backtest.evaluate(values, data.liquidity, data.target)       # (U,)
             reward = torch.where(degenerate, DEGENERATE_REWARD, fitness)
             valid = index >= 0
