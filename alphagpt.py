@@ -462,7 +462,6 @@ class StackVM:
         self.vocab = vocab
         self.feat_offset = vocab.n_feat
         self.ops = [(fn, arity, name not in CLOSED_OPS) for name, fn, arity in OPS_CONFIG]   # (fn, arity, clean?)
-        self._buffer: torch.Tensor | None = None
 
     def execute(self, formula_tokens: list[int], feat_tensor: torch.Tensor) -> torch.Tensor | None:
         """One formula.  feat_tensor: (K, N, T) -> (N, T) or None."""
@@ -517,16 +516,6 @@ class StackVM:
             roots.append(stack[0] if ok and len(stack) == 1 else -1)
         return nodes, heights, roots
 
-    def _workspace(self, rows: int, like: torch.Tensor) -> torch.Tensor:
-        """(rows, N, T) scratch for node values, kept between calls: a fresh allocation of this size is
-        returned to the OS when freed, and touching its pages again every chunk cost more than the ops."""
-        shape = (rows,) + like.shape[1:]
-        buf = self._buffer
-        if buf is None or buf.dtype != like.dtype or buf.device != like.device or buf.shape[1:] != shape[1:] \
-                or buf.shape[0] < rows:
-            buf = self._buffer = like.new_empty(shape)
-        return buf[:rows]
-
     def evaluate_unique(self, formulas: torch.Tensor, feat_tensor: torch.Tensor):
         """Batched execution: compile the batch, then evaluate its distinct nodes level by level, one call per
         (height, operator) group, so the work is one call per group instead of one per formula and token.
@@ -538,7 +527,7 @@ class StackVM:
         slot = torch.empty(K + len(nodes), dtype=torch.long)
         slot[:K] = torch.arange(K)
         slot[torch.tensor(order, dtype=torch.long) + K] = torch.arange(K, K + len(nodes))
-        vals = self._workspace(K + len(nodes), feat_tensor)                           # (K + nodes, N, T)
+        vals = feat_tensor.new_empty((K + len(nodes),) + feat_tensor.shape[1:])      # (K + nodes, N, T)
         vals[:K] = clean_values(feat_tensor)
         start = 0
         while start < len(order):

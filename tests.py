@@ -1354,6 +1354,28 @@ def test_ag_backtest_on_hand_built_series():
     assert batch_fitness[0].item() == pytest.approx(-changes * 0.015, abs=1e-6)    # tokens: good, dd, flat
 
 
+def test_ag_backtest_equals_the_per_bar_definition_on_random_markets():
+    """The mask-and-sum backtest against its docstring's per-bar pnl, written the plain way, on markets where
+    held, entered and left bars all cross the drawdown threshold and liquidity crosses the gate."""
+    bt = _ag_bt()
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(3):
+        F, N, T = 5, 7, 60
+        factors = 3 * torch.randn(F, N, T, generator=gen)
+        liquidity = torch.exp(8 + 2 * torch.randn(N, T, generator=gen))       # from ~300 to ~150k: gate and cap
+        ret = 0.06 * torch.randn(N, T, generator=gen)
+        pos = (torch.sigmoid(factors) > 0.85) & (liquidity > 5000.0)
+        prev = torch.cat([torch.zeros(F, N, 1, dtype=torch.bool), pos[..., :-1]], -1)
+        cost = 0.005 + torch.minimum(1000.0 / liquidity, torch.tensor(0.05))
+        pnl = torch.where(pos, ret, 0.0) - torch.where(pos != prev, cost, 0.0)
+        score = pnl.sum(-1) - 2.0 * (pnl < -0.05).sum(-1)
+        score = torch.where((pos & ~prev).sum(-1) < 5, -10.0, score)
+        got, cum = bt.token_scores(factors, liquidity, ret)
+        assert torch.allclose(cum, pnl.sum(-1), atol=1e-5)
+        assert torch.allclose(got, score, atol=1e-5)
+        assert (pnl < -0.05).any() and ((pos & ~prev).sum(-1) >= 5).any()   # penalties and active tokens occur
+
+
 def test_ag_features_use_no_future_data():
     frame = ag.synthetic_market(4, 200, seed=1)
     changed = ag.MarketFrame(frame.addresses, frame.symbols, frame.times, frame.values.copy())
