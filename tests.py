@@ -1076,6 +1076,22 @@ def test_tiny_save_load_resumes_exactly_and_rejects_bad_checkpoints(tmp_path, on
     assert all(torch.equal(before[k], v) for k, v in b.model.state_dict().items())
 
 
+def test_tiny_training_autosaves_every_n_steps(tmp_path, one_thread):
+    a = tiny.OnlineLearner(_tiny_config(steps=7, autosave_every=3), tmp_path / "data")
+    a.learn_line("hello there")                                    # steps 1..7: autosaves at 3 and 6
+    assert a.step == 7 and a.saved_step == 6
+    b = tiny.OnlineLearner(_tiny_config(), tmp_path / "data")      # what a restart after a SIGKILL finds
+    b.load()
+    assert b.step == 6
+    a.save(tmp_path / "copy.pt")                                   # a copy elsewhere is not the autosave
+    assert a.saved_step == 6
+    a.train_pulse(2)                                               # step 9: 3 past the last autosave
+    assert a.saved_step == 9 and torch.load(a.checkpoint_path, weights_only=True)["step"] == 9
+    off = tiny.OnlineLearner(_tiny_config(steps=7, autosave_every=0), tmp_path / "off")
+    off.learn_line("hello there")
+    assert not off.checkpoint_path.exists()
+
+
 def test_tiny_checkpoint_with_a_different_vocabulary_loads(tmp_path, one_thread):
     a = tiny.OnlineLearner(_tiny_config(), tmp_path / "a")
     for _ in range(5):

@@ -33,9 +33,10 @@ Design choices:
   not grow with the prefix. (Sliding a ring buffer instead would not equal the model on a cropped
   window: in layers above the first, cached keys were computed with context older than the window.)
 - Ctrl-C (or SIGTERM) finishes the current training step, then the program autosaves and exits, as on
-  /quit and EOF. A lock on DATA_DIR/.lock keeps a second session out of the same directory. After a
-  SIGKILL every line entered is already on disk: the restart loads the last checkpoint, grows it with the
-  characters recorded in dynamic_vocab.json since, and replays the whole history.
+  /quit and EOF; training also autosaves every --autosave-every steps. A lock on DATA_DIR/.lock keeps a
+  second session out of the same directory. After a SIGKILL every line entered is already on disk: the
+  restart loads the last checkpoint (at most --autosave-every steps old), grows it with the characters
+  recorded in dynamic_vocab.json since, and replays the whole history.
 """
 
 from __future__ import annotations
@@ -88,6 +89,8 @@ class TinyConfig:
     lr_cycle_steps: int = field(default=1000, metadata={"help": "length of a cosine cycle; cycles restart"})
     weight_decay: float = field(default=0.1, metadata={"help": "AdamW weight decay, on matrices only"})
     grad_clip: float = field(default=1.0, metadata={"help": "maximum gradient norm"})
+    autosave_every: int = field(default=200, metadata={
+        "help": "also autosave every N training steps, so a crash or SIGKILL loses at most N (0: on exit only)"})
     ema_decay: float = field(default=0.995, metadata={"help": "EMA decay of the generation weights (0: raw weights)"})
     # generation
     temperature: float = field(default=0.8, metadata={"help": "sampling temperature, 0 = greedy (REPL: /temp=X)"})
@@ -109,7 +112,8 @@ class TinyConfig:
         for name in ("context", "d_model", "n_head", "n_layer", "batch_size", "lr_cycle_steps", "gen_tokens"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("steps", "warmup_steps", "min_lr", "weight_decay", "temperature", "top_k", "sample_every"):
+        for name in ("steps", "warmup_steps", "min_lr", "weight_decay", "autosave_every", "temperature", "top_k",
+                     "sample_every"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.lr <= 0 or self.grad_clip <= 0:
@@ -534,6 +538,7 @@ class OnlineLearner:
         self.tokenizer = DynamicTokenizer()
         self.model, self.ema, self.optimizer = build_training_state(config, len(self.tokenizer), self.device)
         self.step = 0
+        self.saved_step = 0  # step of the last save (or load); autosave_every counts from it
         self.data_rng = torch.Generator().manual_seed(config.seed)  # batches and new embedding rows
         self.gen_rng = torch.Generator().manual_seed(config.seed + 1)  # generation only
 
@@ -647,6 +652,8 @@ class OnlineLearner:
                 loss = self.train_step()
                 if math.isfinite(loss):
                     losses.append(loss)
+                if self.config.autosave_every and self.step - self.saved_step >= self.config.autosave_every:
+                    self.save()
         if interrupted():
             raise KeyboardInterrupt
         return sum(losses) / len(losses) if losses else float("nan")
@@ -698,6 +705,8 @@ class OnlineLearner:
                      "optimizer": self.optimizer.state_dict(), "step": self.step,
                      "data_rng": self.data_rng.get_state(), "gen_rng": self.gen_rng.get_state()}, path)
         atomic_write_bytes(self.tokenizer.to_json(), self.vocab_path)
+        if path == self.checkpoint_path:  # a copy elsewhere (/save FILE) does not reset the autosave count
+            self.saved_step = self.step
         return path
 
     def load(self, path: str | os.PathLike | None = None) -> None:
@@ -726,7 +735,7 @@ class OnlineLearner:
             detail = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else ""
             raise ValueError(f"{path}: not a usable TinyGPT checkpoint ({type(exc).__name__}: {detail})") from exc
         previous_chars = self.tokenizer.chars
-        self.config, self.tokenizer, self.step = config, tokenizer, step
+        self.config, self.tokenizer, self.step, self.saved_step = config, tokenizer, step, step
         self.model, self.ema, self.optimizer = model, ema, optimizer
         self.data_rng, self.gen_rng = data_rng, gen_rng
         self.add_text(previous_chars)
