@@ -1,13 +1,15 @@
 """
 Shared plumbing for the single-file systems in this repo (camoe.py, alphagpt.py, ...):
-device/dtype selection, seeding, benchmark timing, crash-safe file writes, checkpoint loading,
-the learning-rate schedule, token sampling, JSONL metrics and DDP setup.
+config dataclasses as command-line flags, device/dtype selection, seeding, benchmark timing, crash-safe
+file writes, checkpoint loading, the learning-rate schedule, token sampling, JSONL metrics and DDP setup.
 """
 
+import argparse
 import dataclasses
 import json
 import math
 import os
+import pickle
 import random
 import re
 import tempfile
@@ -23,6 +25,31 @@ import torch.nn.functional as F
 
 PathLike = str | os.PathLike
 ConfigT = TypeVar("ConfigT")
+
+# -----------------------------------------------------------------------------
+# config dataclasses as flags
+
+def config_field(default: object, help: str, choices: tuple | None = None) -> object:
+    """A dataclass field whose help text (and choices) add_config_flags turns into a flag."""
+    return dataclasses.field(default=default, metadata={"help": help, "choices": choices})
+
+def add_config_flags(parser: argparse.ArgumentParser, config_cls: type) -> None:
+    """One --field-name flag per field of config_cls (made with config_field); bools get --x/--no-x.
+    Flags the user does not give are absent from the parsed namespace (see given_flags)."""
+    for f in dataclasses.fields(config_cls):
+        flag = "--" + f.name.replace("_", "-")
+        help_text = f"{f.metadata['help']} (default: {f.default})"
+        if isinstance(f.default, bool):
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS,
+                                help=help_text)
+        else:
+            choices = f.metadata["choices"]
+            parser.add_argument(flag, type=type(f.default), choices=choices, default=argparse.SUPPRESS,
+                                metavar=None if choices else f.name.upper(), help=help_text)
+
+def given_flags(args: argparse.Namespace, config_cls: type) -> dict:
+    """The fields of config_cls that were given on the command line, by name."""
+    return {f.name: getattr(args, f.name) for f in dataclasses.fields(config_cls) if hasattr(args, f.name)}
 
 # -----------------------------------------------------------------------------
 # device and dtype
@@ -139,8 +166,11 @@ def load_checkpoint(path: PathLike, config_cls: type[ConfigT],
         raise FileNotFoundError(f"{path}: checkpoint file not found")
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError:
+        # torch's message runs to several lines and advises weights_only=False, which would run the file's code
+        raise ValueError(f"{path}: not a readable checkpoint (not a torch file of plain tensors and numbers)") from None
     except Exception as exc:
-        raise ValueError(f"{path}: not a readable checkpoint ({exc})") from exc
+        raise ValueError(f"{path}: not a readable checkpoint ({str(exc).strip().splitlines()[-1]})") from exc
     if not isinstance(ckpt, dict) or not isinstance(ckpt.get("config"), dict):
         raise ValueError(f"{path}: checkpoint has no 'config' dict")
     known = {f.name for f in dataclasses.fields(config_cls) if f.init}

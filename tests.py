@@ -24,6 +24,7 @@ import torch.nn.functional as F
 import alphagpt as ag
 import camoe
 import common
+import ctm_master as ctm
 import rwkv7_kernel as K
 import tiny_llm_demo as tiny
 
@@ -172,8 +173,9 @@ def test_load_checkpoint_warns_on_unknown_keys(tmp_path):
 def test_load_checkpoint_is_weights_only(tmp_path):
     path = tmp_path / "pickled_dataclass.pt"
     torch.save({"config": _NewConfig()}, path)  # a pickled dataclass is not plain content
-    with pytest.raises(ValueError, match="not a readable checkpoint"):
+    with pytest.raises(ValueError, match="not a readable checkpoint") as info:
         common.load_checkpoint(path, _NewConfig)
+    assert "\n" not in str(info.value) and "weights_only=False" not in str(info.value)
 
 
 def test_load_checkpoint_truncated_and_missing(tmp_path):
@@ -1684,3 +1686,476 @@ def test_ag_db_cli_seed_then_train_from_postgres(ag_schema, tmp_path):
     assert trained.returncode == 0, trained.stderr
     assert "postgres" in trained.stdout and "4 tokens x 200 bars" in trained.stdout
     assert json.loads((tmp_path / "run" / "best_meme_strategy.json").read_text())["formula"]
+
+
+# ======================================================================================
+# ctm_master.py
+
+CTM_TINY = dict(d_model=32, d_input=16, heads=2, n_synch_out=8, n_synch_action=6, memory_length=4, nlm_hidden=4,
+                ticks=6, parity_len=6, maze_size=3, maze_route_len=8, maze_width=8)
+
+
+def _ctm_cfg(**overrides) -> "ctm.CTMConfig":
+    return ctm.CTMConfig(**{**CTM_TINY, **overrides})
+
+
+def _ctm_run(tmp_path, **overrides) -> "ctm.RunConfig":
+    base = dict(out_dir=str(tmp_path), gen_batches=2, gen_batch_size=6, gen_ticks=23, chunk_ticks=4,
+                batch_size=8, iters=20, warmup=5, eval_every=10, eval_samples=32, pool_every=10, save_every=5)
+    return ctm.RunConfig(**{**base, **overrides})
+
+
+def _ctm_with_decays(cfg, seed=0) -> "ctm.CTM":
+    torch.manual_seed(seed)
+    model = ctm.CTM(cfg)
+    with torch.no_grad():                                  # nonzero decays, so that r matters
+        model.unit.decay_action.uniform_(0, 2)
+        model.unit.decay_out.uniform_(0, 2)
+    return model
+
+
+def _reference_forward(model, x):
+    """The published CTM's forward written plainly from its description, on our module's weights: the
+    reference's layouts (NLM weights (M, 2H, D) through einsum and a GLU over the last dim, one
+    nn.MultiheadAttention projecting kv every tick, sync started as alpha = pp, beta = 1) and its in-tick order."""
+    u, cfg = model.unit, model.cfg
+    kv, _ = model.backbone(x)
+    d = cfg.d_input
+    mha = torch.nn.MultiheadAttention(d, cfg.heads, batch_first=True)
+    with torch.no_grad():
+        mha.in_proj_weight.copy_(torch.cat((u.attention.q_in.weight, u.attention.kv_in.weight)))
+        mha.in_proj_bias.copy_(torch.cat((u.attention.q_in.bias, u.attention.kv_in.bias)))
+        mha.out_proj.load_state_dict(u.attention.out.state_dict())
+    layers = [(torch.cat((l.w_value, l.w_gate), -1).permute(1, 2, 0), torch.cat((l.b_value, l.b_gate), -1).transpose(0, 1),
+               l.temperature) for l in u.nlm.layers]            # (M, 2H, D), (1, D, 2H)
+
+    def nlm(A):
+        h = A
+        for w, b, t in layers:
+            h = F.glu((torch.einsum("BDM,MHD->BDH", h, w) + b) / t, dim=-1)
+        return h.squeeze(-1)
+
+    def pp(z, pairs):
+        return z[:, pairs[0]] * z[:, pairs[1]]
+
+    B = x.size(0)
+    z, A = u.start_z.expand(B, -1), u.start_A.expand(B, -1, -1)
+    r_a, r_o = torch.exp(-u.decay_action.clamp(0, 15)), torch.exp(-u.decay_out.clamp(0, 15))
+    alpha_o, beta_o = pp(z, u.pairs_out), torch.ones(B, u.s_out)
+    alpha_a = beta_a = None
+    ys, cs = [], []
+    for _ in range(cfg.ticks):
+        p = pp(z, u.pairs_action)
+        alpha_a, beta_a = (p, torch.ones_like(p)) if alpha_a is None else (r_a * alpha_a + p, r_a * beta_a + 1)
+        o = mha(u.q_proj(alpha_a / torch.sqrt(beta_a)).unsqueeze(1), kv, kv, need_weights=False)[0].squeeze(1)
+        A = torch.cat((A[:, :, 1:], u.synapses(torch.cat((o, z), -1)).unsqueeze(-1)), -1)
+        z = nlm(A)
+        alpha_o, beta_o = r_o * alpha_o + pp(z, u.pairs_out), r_o * beta_o + 1
+        y = u.readout(alpha_o / torch.sqrt(beta_o))
+        probs = F.softmax(y.view(B, *cfg.out_shape), -1)
+        entropy = -(probs * torch.log(probs)).sum(-1) / math.log(cfg.out_shape[1])
+        ys.append(y)
+        cs.append(1 - entropy.mean(-1))
+    return torch.stack(ys), torch.stack(cs)
+
+
+@pytest.mark.parametrize("task", ["parity", "maze"])
+def test_ctm_forward_equals_the_reference_formulation(task, one_thread):
+    cfg = _ctm_cfg(task=task)
+    model = _ctm_with_decays(cfg)
+    x, _ = ctm.task_batch(cfg, range(5), torch.device("cpu"))
+    with torch.no_grad():
+        ys, cs, _ = model(x)
+        ref_ys, ref_cs = _reference_forward(model, x)
+    assert ys.shape == (cfg.ticks, 5, cfg.out_dims)
+    assert torch.allclose(ys, ref_ys, atol=1e-5, rtol=1e-4) and torch.allclose(cs, ref_cs, atol=1e-5)
+    assert (ys[0] - ys[-1]).abs().max() > 1e-3                # the ticks do change the prediction
+
+
+@pytest.mark.parametrize("learned", [True, False])
+def test_ctm_two_tick_unit_reproduces_the_long_forward_exactly(learned, one_thread):
+    cfg = _ctm_cfg()
+    unit = _ctm_with_decays(cfg).unit
+    kv = torch.randn(4, cfg.n_kv, cfg.d_input)
+    with torch.no_grad():
+        start = unit.start_state(4, learned=learned)
+        long = list(unit.run(start, kv, 12))
+        s = start
+        for k in range(6):
+            s = unit(s, kv)                                    # f(State_t, kv) -> State_{t+2}
+            for name in ctm.State.FIELDS:
+                assert torch.equal(getattr(s, name), getattr(long[2 * k + 1], name)), (k, name)
+
+
+def test_ctm_state_parts_beta_is_data_free_and_o_is_not_read(one_thread):
+    cfg = _ctm_cfg()
+    unit = _ctm_with_decays(cfg).unit
+    kv = torch.randn(3, cfg.n_kv, cfg.d_input)
+    with torch.no_grad():
+        states = list(unit.run(unit.start_state(3, learned=False), kv, 5))
+        # beta: the same for every sample (a function of the decays and the tick count only)
+        assert all(torch.equal(s.beta, s.beta[:1].expand_as(s.beta)) for s in states)
+        r = torch.exp(-torch.cat((unit.decay_action, unit.decay_out)))
+        assert torch.allclose(unit(states[1], kv).beta, r * r * states[1].beta + r + 1)
+        # o of the input state is a target only: the unit never reads it
+        moved = dataclasses.replace(states[2], o=torch.randn_like(states[2].o))
+        assert torch.equal(unit(moved, kv).z, unit(states[2], kv).z)
+        # but z, A and alpha are read
+        for name in ("z", "A", "alpha"):
+            moved = dataclasses.replace(states[2], **{name: getattr(states[2], name) + 0.1})
+            assert not torch.equal(unit(moved, kv).z, unit(states[2], kv).z), name
+
+
+def test_ctm_pool_members_share_neuron_pairs(tmp_path):
+    cfg = _ctm_cfg()
+    torch.manual_seed(1)
+    a = ctm.ThinkingUnit(cfg)
+    torch.manual_seed(2)
+    b = ctm.ThinkingUnit(cfg)
+    assert torch.equal(a.pairs_action, b.pairs_action) and torch.equal(a.pairs_out, b.pairs_out)
+    assert not torch.equal(a.q_proj.weight, b.q_proj.weight)
+    assert a.pairs_action.shape == (2, 6 * 7 // 2)              # 'random': the upper triangle of 6 x 6
+    other = ctm.ThinkingUnit(_ctm_cfg(pairing_seed=5))
+    assert not torch.equal(other.pairs_out, a.pairs_out)
+    weights = ctm.WeightManager(tmp_path, cfg)
+    weights.save_pool(b, "b")
+    weights.load_into(a, "b")
+    assert torch.equal(a.q_proj.weight, b.q_proj.weight)
+    with pytest.raises(ctm.CTMError, match="another config"):
+        ctm.WeightManager(tmp_path, _ctm_cfg(pairing_seed=5)).load("b")
+    with pytest.raises(ctm.CTMError, match="not found"):
+        weights.load("nobody")
+
+
+def test_ctm_parity_and_maze_samples_are_right_and_fixed_by_their_id():
+    cfg = _ctm_cfg(parity_len=12)
+    for i in range(20):
+        x, target = ctm.parity_sample(cfg, i)
+        assert set(np.unique(x)) <= {-1.0, 1.0}
+        assert [int(v) for v in target] == [int(np.sum(x[:k + 1] == -1) % 2) for k in range(12)]
+    assert np.array_equal(ctm.parity_sample(cfg, 7)[0], ctm.parity_sample(cfg, 7)[0])
+    assert not np.array_equal(ctm.parity_sample(cfg, 7)[0], ctm.parity_sample(_ctm_cfg(parity_len=12, data_seed=1), 7)[0])
+    cfg = _ctm_cfg(maze_size=5, maze_route_len=14)
+    lengths = set()
+    for i in range(60):
+        x, route = ctm.maze_sample(cfg, i)
+        open_, start, goal = x[0] > 0, np.argwhere(x[1])[0], np.argwhere(x[2])[0]
+        assert x.shape == (3, 11, 11) and open_[tuple(start)] and open_[tuple(goal)]
+        n_open = int(open_.sum())
+        assert n_open == 2 * 25 - 1                              # a perfect maze: 25 cells, 24 passages
+        pos, moves = start.copy(), [m for m in route if m != 4]
+        assert all(m == 4 for m in route[len(moves):])           # padding only after the route
+        for m in moves:
+            pos = pos + ctm.MOVES[m]
+            assert open_[tuple(pos)]                             # never through a wall
+        assert (pos == goal).all() and 2 <= len(moves) <= 14
+        parent = ctm.maze_bfs(open_, tuple(start))               # and the shortest way (a perfect maze's only)
+        depth, p = 0, tuple(goal)
+        while parent[p] is not None:
+            p, depth = parent[p], depth + 1
+        assert depth == len(moves)
+        lengths.add(len(moves))
+        assert np.array_equal(ctm.maze_sample(cfg, i)[1], route)
+    assert len(lengths) > 3
+
+
+def _ctm_pairs(cfg, n, weight_id="w", seed=0):
+    g = torch.Generator().manual_seed(seed)
+    shapes = ctm.state_shapes(cfg)
+    side = lambda: ctm.State(**{k: torch.randn((n, *shape), generator=g) for k, shape in shapes.items()})
+    return ctm.PairBatch(side(), side(), [weight_id] * n, torch.randint(0, 10**9, (n,), generator=g),
+                         torch.randint(0, 100, (n,), generator=g))
+
+
+def test_ctm_replay_buffer_round_trip_fifo_and_mixing(tmp_path):
+    cfg = _ctm_cfg()
+    buffer = ctm.DiskReplayBuffer(tmp_path, cfg, capacity=25)
+    pairs = _ctm_pairs(cfg, 10, "best-3")
+    buffer.save_pair(pairs, "self_play")
+    loaded = buffer.load_batch(10, q=0.0, rng=np.random.default_rng(0))
+    order = torch.argsort(loaded.data_ids)
+    want = torch.argsort(pairs.data_ids)
+    for side in ("before", "after"):
+        for name in ctm.State.FIELDS:
+            got, exp = getattr(getattr(loaded, side), name)[order], getattr(getattr(pairs, side), name)[want]
+            assert got.dtype == exp.dtype and torch.equal(got, exp), (side, name)
+    assert torch.equal(loaded.ticks[order], pairs.ticks[want]) and loaded.weight_ids == ["best-3"] * 10
+    for i in range(3):                                           # 30 more pairs: the oldest files go first
+        buffer.save_pair([_ctm_pairs(cfg, 4, f"e{i}", seed=i + 1), _ctm_pairs(cfg, 6, f"e{i}", seed=i + 9)], "expert")
+    assert buffer.counts() == {"expert": 20, "self_play": 10}
+    assert sorted(p.name.split("-")[2] for p in (tmp_path / "expert_replay_buffer").iterdir()) == ["e1.pairs", "e2.pairs"]
+    reopened = ctm.DiskReplayBuffer(tmp_path, cfg, capacity=25)
+    assert reopened.counts() == {"expert": 20, "self_play": 10}
+    mixed = reopened.load_batch(10, q=0.3, rng=np.random.default_rng(1))
+    assert sorted(mixed.weight_ids).count("best-3") == 7 and len(set(mixed.data_ids.tolist())) == 10
+    short = reopened.load_batch(16, q=0.0, rng=np.random.default_rng(2))   # self-play runs short: expert fills
+    assert len(short) == 16 and short.weight_ids.count("best-3") == 10
+    with pytest.raises(ctm.CTMError, match="no pairs"):
+        ctm.DiskReplayBuffer(tmp_path / "empty", cfg, 10).load_batch(4)
+
+
+def test_ctm_replay_buffer_skips_cut_garbage_and_foreign_files(tmp_path):
+    cfg = _ctm_cfg()
+    buffer = ctm.DiskReplayBuffer(tmp_path, cfg, capacity=1000)
+    for i in range(4):
+        buffer.save_pair(_ctm_pairs(cfg, 5, f"w{i}", seed=i), "expert")
+    folder = tmp_path / "expert_replay_buffer"
+    files = sorted(folder.iterdir())
+    data = files[0].read_bytes()
+    files[0].write_bytes(data[: len(data) // 2])                # cut short
+    files[1].write_bytes(b"\x00" * 300)                          # garbage
+    (folder / "000000099-5-foreign.pairs").write_bytes(
+        _ctm_pair_file_bytes(_ctm_pairs(_ctm_cfg(d_model=16), 5)))   # another config's shapes
+    (folder / ".000000100-5-w.pairs.abc.tmp").write_bytes(data)   # a write killed before its rename
+    buffer = ctm.DiskReplayBuffer(tmp_path, cfg, capacity=1000)
+    assert not list(folder.glob(".*.tmp"))
+    with pytest.warns(UserWarning, match="skipped"):
+        got = buffer.load_batch(25, q=1.0, rng=np.random.default_rng(0))
+    assert sorted(set(got.weight_ids)) == ["w2", "w3"] and len(got) == 10
+    assert len(list(folder.glob("*.corrupt"))) == 3
+    assert buffer.counts()["expert"] == 10
+
+
+def _ctm_pair_file_bytes(pairs) -> bytes:
+    f = io.BytesIO()
+    ctm.write_pair_file(f, [pairs])
+    return f.getvalue()
+
+
+def _ctm_chunks(L, C, states, sizes):
+    """Split a trajectory (T+1, B) into consecutive chunks of the given sizes."""
+    first = 0
+    for k, n in enumerate(sizes):
+        sl = slice(first, first + n)
+        tensors = {"loss": L[sl], "C": C[sl], **{f: v[sl] for f, v in states.items() if f != "C"}}
+        yield ctm.Chunk(0, first, first + n == len(L), tensors, "w", "expert", torch.arange(L.size(1)) + 100,
+                        lambda: None)
+        first += n
+
+
+@pytest.mark.parametrize("sizes", [[25], [1] * 25, [3, 1, 1, 7, 2, 11], [2] * 12 + [1]])
+def test_ctm_sliding_filter_equals_brute_force_on_every_chunking(sizes):
+    T1, B = 25, 7
+    g = torch.Generator().manual_seed(sum(sizes) * len(sizes))
+    trend = torch.arange(T1)[:, None] * 0.05
+    L = 2 - trend + 0.1 * torch.rand(T1, B, generator=g)         # falling loss and rising certainty, noisy
+    C = trend + 0.1 * torch.rand(T1, B, generator=g)
+    cfg = _ctm_cfg()
+    states = {k: torch.randn((T1, B, *shape), generator=g) for k, shape in ctm.state_shapes(cfg).items()}
+    states["C"] = C
+    for rule in ("strict", "lenient"):
+        stats = ctm.YieldStats(T1 - 1)
+        filt = ctm.SlidingFilter(rule, stats)
+        got = [p for chunk in _ctm_chunks(L, C, states, sizes) if (p := filt.feed(chunk)) is not None]
+        found = {}
+        for p in got:
+            for i, (t, d) in enumerate(zip(p.ticks.tolist(), p.data_ids.tolist())):
+                found[(t, d - 100)] = (p.before.map(lambda v: v[i]), p.after.map(lambda v: v[i]))
+        want = set()
+        for t in range(T1 - 2):
+            for b in range(B):
+                step1 = L[t + 1, b] < L[t, b] and C[t + 1, b] > C[t, b]
+                step2 = L[t + 2, b] < L[t + 1, b] and C[t + 2, b] > C[t + 1, b]
+                both = L[t + 2, b] < L[t, b] and C[t + 2, b] > C[t, b]
+                if (step1 and step2) if rule == "strict" else both:
+                    want.add((t, b))
+        assert set(found) == want and want
+        for (t, b), (before, after) in found.items():
+            for name in ctm.State.FIELDS:
+                assert torch.equal(getattr(before, name), states[name][t, b])
+                assert torch.equal(getattr(after, name), states[name][t + 2, b])
+        assert stats.candidates == (T1 - 2) * B and stats.kept[rule] == len(want) == stats.where[rule].sum()
+
+
+def _ctm_weights(tmp_path, cfg, run):
+    weights = ctm.WeightManager(tmp_path / "weights", cfg)
+    ctm.ensure_weights(weights, run)
+    return weights
+
+
+@pytest.mark.parametrize("workers,io_threads", [(1, 1), (3, 2)])
+def test_ctm_threaded_pipeline_writes_exactly_what_the_serial_loop_writes(tmp_path, workers, io_threads, one_thread):
+    cfg = _ctm_cfg()
+    run = _ctm_run(tmp_path, workers=workers, io_threads=io_threads, queue_size=1, pool_random=2)
+    weights = _ctm_weights(tmp_path, cfg, run)
+    found = {}
+    for mode in ("serial", "threaded"):
+        buffer = ctm.DiskReplayBuffer(tmp_path / mode, cfg, 10**6)
+        stats = getattr(ctm.DataGenerator(cfg, run, torch.device("cpu"), weights, buffer), f"run_{mode}")(3, progress=False)
+        stored = sum(buffer.counts().values())
+        assert stats.produced == stats.written == stored == stats.kept["lenient"] > 0
+        pairs = buffer.load_batch(stored, q=1.0, rng=np.random.default_rng(0))
+        found[mode] = {(d, t, w): pairs.after.z[i].sum().item() for i, (d, t, w) in
+                       enumerate(zip(pairs.data_ids.tolist(), pairs.ticks.tolist(), pairs.weight_ids))}
+    assert found["serial"] == found["threaded"]
+    # provenance: the weights named by weight_id and kv rebuilt from the data ID reproduce each pair
+    unit, backbone = ctm.ThinkingUnit(cfg), ctm.Backbone(cfg).eval()
+    weights.load_backbone(backbone)
+    sample = pairs.weight_ids[0]
+    rows = [i for i, w in enumerate(pairs.weight_ids) if w == sample][:5]
+    weights.load_into(unit, sample)
+    with torch.no_grad():
+        kv, _ = backbone(ctm.task_batch(cfg, pairs.data_ids[rows], torch.device("cpu"))[0])
+        again = unit(pairs.before.map(lambda v: v[rows]), kv)
+    for name in ctm.State.FIELDS:
+        assert torch.allclose(getattr(again, name), getattr(pairs.after, name)[rows], atol=1e-5), name
+
+
+def test_ctm_pairs_go_to_the_buffer_of_their_weights(tmp_path, one_thread):
+    cfg = _ctm_cfg()
+    run = _ctm_run(tmp_path, gen_ticks=10)
+    weights = _ctm_weights(tmp_path, cfg, run)
+    torch.manual_seed(7)
+    weights.save_best(ctm.ThinkingUnit(cfg), "best-7")
+    for p_best, kind in ((1.0, "self_play"), (0.0, "expert")):
+        buffer = ctm.DiskReplayBuffer(tmp_path / kind, cfg, 10**6)
+        ctm.DataGenerator(cfg, dataclasses.replace(run, p_best=p_best), torch.device("cpu"), weights,
+                          buffer).run_threaded(2, progress=False)
+        counts = buffer.counts()
+        assert counts[kind] > 0 and sum(counts.values()) == counts[kind]
+        ids = set(buffer.load_batch(counts[kind], q=float(kind == "expert")).weight_ids)
+        assert ids == {"best-7"} if kind == "self_play" else ids <= {"random-0", "random-1"}
+
+
+@pytest.mark.parametrize("where", ["filter", "writer"])
+def test_ctm_a_failing_thread_stops_the_pipeline_with_its_error(tmp_path, monkeypatch, where, one_thread):
+    cfg = _ctm_cfg()
+    run = _ctm_run(tmp_path, workers=2, io_threads=2, queue_size=1, gen_ticks=60)
+    weights = _ctm_weights(tmp_path, cfg, run)
+    calls = iter(range(10**6))
+    if where == "filter":
+        feed = ctm.SlidingFilter.feed
+        monkeypatch.setattr(ctm.SlidingFilter, "feed", lambda self, chunk: (
+            (_ for _ in ()).throw(RuntimeError("planted filter failure")) if next(calls) == 7 else feed(self, chunk)))
+        error = RuntimeError
+    else:
+        monkeypatch.setattr(ctm.DiskReplayBuffer, "save_pair",
+                            lambda self, pairs, kind: (_ for _ in ()).throw(OSError("planted disk failure")))
+        error = OSError
+    gen = ctm.DataGenerator(cfg, run, torch.device("cpu"), weights, ctm.DiskReplayBuffer(tmp_path, cfg, 10**6))
+    t0 = time.time()
+    with pytest.raises(error, match="planted"):
+        gen.run_threaded(20, progress=False)
+    assert time.time() - t0 < 60
+    assert not [t.name for t in __import__("threading").enumerate() if t.name.startswith(("filter-", "writer-"))]
+
+
+def test_ctm_quantile_clip_clips_each_gradient_at_its_own_history_quantile():
+    params = [torch.nn.Parameter(torch.zeros(5)), torch.nn.Parameter(torch.zeros(3, 2))]
+    clip = ctm.QuantileClip(params, 0.9, history=4)
+    history = [[], []]
+    g = torch.Generator().manual_seed(0)
+    clipped = 0
+    for step in range(12):
+        grads = [torch.randn(p.shape, generator=g) * (1 + 3 * (step % 3 == 2)) for p in params]
+        for p, grad in zip(params, grads):
+            p.grad = grad.clone()
+        clip()
+        for i, (p, grad) in enumerate(zip(params, grads)):
+            norm = grad.norm()
+            expect = grad
+            if history[i]:
+                limit = torch.quantile(torch.tensor(history[i]), 0.9)
+                expect = grad * min(1.0, (limit / (norm + 1e-6)).item())
+                clipped += bool(limit < norm)
+            assert torch.allclose(p.grad, expect, atol=1e-6), (step, i)
+            history[i] = (history[i] + [norm.item()])[-4:]
+    assert clipped >= 4
+
+
+def _ctm_argv(tmp_path, *flags):
+    tiny = [f"--{k.replace('_', '-')}={v}" for k, v in CTM_TINY.items()]
+    return ["--out-dir", str(tmp_path), *tiny, "--gen-ticks", "20", "--gen-batch-size", "6",
+            "--gen-batches", "2", "--chunk-ticks", "4", "--batch-size", "8", "--eval-samples", "32", *flags]
+
+
+def test_ctm_pretrain_learns_parity_and_a_killed_run_resumes_exactly(tmp_path, monkeypatch, one_thread):
+    cfg = _ctm_cfg(parity_len=4)
+    run = _ctm_run(tmp_path / "straight", iters=120, warmup=10, lr=3e-3, eval_every=60, eval_samples=256,
+                   save_every=10, pool_every=60)
+    result = ctm.pretrain(cfg, run, torch.device("cpu"), resume=False)
+    assert result["acc_most_certain"] > 0.7                 # chance is 0.5
+    log = [json.loads(line) for line in (tmp_path / "straight" / "pretrain_log.jsonl").read_text().splitlines()]
+    assert np.mean([r["loss"] for r in log[-20:]]) < np.mean([r["loss"] for r in log[:20]]) - 0.05
+    names = sorted(p.name for p in (tmp_path / "straight" / "expert_pool").iterdir())
+    assert names == ["pretrain-it60.pth", "random-0.pth", "random-1.pth"]
+    # the same run, killed at iteration 47 (last checkpoint at 40), then resumed
+    killed = dataclasses.replace(run, out_dir=str(tmp_path / "killed"))
+    step, calls = ctm.pretrain_step, iter(range(10**6))
+    monkeypatch.setattr(ctm, "pretrain_step", lambda *a: (_ for _ in ()).throw(KeyboardInterrupt)
+                        if next(calls) == 47 else step(*a))
+    with pytest.raises(KeyboardInterrupt):
+        ctm.pretrain(cfg, killed, torch.device("cpu"), resume=False)
+    monkeypatch.setattr(ctm, "pretrain_step", step)
+    with pytest.raises(ctm.CTMError, match="--resume"):
+        ctm.pretrain(cfg, killed, torch.device("cpu"), resume=False)
+    ctm.pretrain(cfg, killed, torch.device("cpu"), resume=True)
+    a = torch.load(tmp_path / "straight" / "best_model.pth", weights_only=True)["unit"]
+    b = torch.load(tmp_path / "killed" / "best_model.pth", weights_only=True)["unit"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_ctm_debug_step_cli_passes_every_check(tmp_path, capsys, one_thread):
+    ctm.main(_ctm_argv(tmp_path, "--debug-step"))
+    out = capsys.readouterr().out
+    assert "all checks passed" in out and out.count("[ok]") == 7 and "FAILED" not in out
+
+
+def test_ctm_generate_cli_reports_yield_and_fills_the_buffer(tmp_path, capsys, one_thread):
+    ctm.main(_ctm_argv(tmp_path, "--generate", "--filter", "strict"))
+    out = capsys.readouterr().out
+    assert "random backbone" in out and "where the strict pairs start" in out
+    line = [l for l in out.splitlines() if l.startswith("strict")][0]
+    kept, candidates = int(line.split()[1]), int(line.split()[3])
+    assert candidates == 2 * 6 * 19 and 0 < kept
+    buffer = ctm.DiskReplayBuffer(tmp_path, _ctm_cfg(), 10**6)
+    assert buffer.counts()["expert"] == kept
+    record = json.loads((tmp_path / "generate_log.jsonl").read_text().splitlines()[-1])
+    assert record["written"] == kept and record["kept"]["strict"] <= record["kept"]["lenient"]
+
+
+@pytest.mark.parametrize("flags,expect", [
+    (["--generate", "--gen-ticks", "1"], "--gen-ticks must be >= 2"),
+    (["--generate", "--workers", "0"], "--workers must be >= 1"),
+    (["--generate", "--workers", "9"], "cannot exceed --gen-batch-size"),
+    (["--generate", "--task", "sudoku"], "invalid choice"),
+    (["--generate", "--heads", "3"], "multiple of --heads"),
+    (["--generate", "--p-best", "1.5"], "--p-best"),
+    ([], "choose a mode"),
+    (["--generate", "--resume"], "--resume goes with --pretrain"),
+])
+def test_ctm_bad_flags_are_one_error_line(tmp_path, capsys, flags, expect):
+    with pytest.raises(SystemExit) as exit_info:
+        ctm.main(_ctm_argv(tmp_path, *flags))
+    message = (exit_info.value.code if isinstance(exit_info.value.code, str) else "") + capsys.readouterr().err
+    assert expect in message and "Traceback" not in message
+    assert len([l for l in message.strip().splitlines() if "error" in l]) == 1
+
+
+def test_ctm_bad_files_and_out_dirs_are_one_error_line(tmp_path, capsys, one_thread):
+    def fails(*flags, out=tmp_path):
+        with pytest.raises(SystemExit) as exit_info:
+            ctm.main(_ctm_argv(out, *flags))
+        assert exit_info.value.code.startswith("ctm_master: error: ")
+        assert "\n" not in exit_info.value.code
+        return exit_info.value.code
+    (tmp_path / "a_file").write_text("x")
+    assert "not writable" in fails("--generate", out=tmp_path / "a_file" / "run")
+    ctm.main(_ctm_argv(tmp_path / "run", "--generate"))
+    assert "another config" in fails("--generate", "--d-model", "48", out=tmp_path / "run")
+    assert "already holds pretrained weights" in fails("--pretrain", out=tmp_path / "run")
+    (tmp_path / "run" / "backbone.pth").write_bytes(b"not a checkpoint")
+    assert "not a readable checkpoint" in fails("--generate", out=tmp_path / "run")
+    bad = tmp_path / "bad"
+    ctm.main(_ctm_argv(bad, "--generate"))
+    (bad / "expert_pool" / "random-0.pth").write_bytes(b"\x00" * 10)
+    (bad / "expert_pool" / "random-1.pth").write_bytes(b"\x00" * 10)
+    assert "random-" in fails("--generate", out=bad)
+    assert "not a checkout" in fails("--bench-reference", str(tmp_path))
+    capsys.readouterr()
+
+
+def test_ctm_bench_compares_pipeline_and_streaming_in_one_run(tmp_path, capsys, one_thread):
+    ctm.main(_ctm_argv(tmp_path, "--bench", "--bench-repeat", "1"))
+    out = capsys.readouterr().out
+    assert "threaded / serial" in out and "same pairs: True" in out and "peak memory" in out
