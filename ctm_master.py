@@ -1,8 +1,11 @@
 """
 CTM self-play: a Continuous Thought Machine whose thinking is trained as a two-tick state improver.
 
+    python ctm_master.py                               # the self-improvement loop (a small maze run, ~10 min)
     python ctm_master.py --pretrain --task parity      # standard CTM training: backbone + first weight pool
     python ctm_master.py --generate                    # one data-generation phase into the replay buffers
+    python ctm_master.py --train-onm-offline           # milestone 7: the optic nerve model on stored pairs
+    python ctm_master.py --experiment filter           # also onm, cohort, loss: two arms of the loop, a table
     python ctm_master.py --debug-step                  # milestone 1: state package round trip + one step
     python ctm_master.py --bench                       # threaded pipeline vs serial; streaming vs whole
 
@@ -31,8 +34,14 @@ synchronisation, so the stored o_t is never read again: it is kept as a target, 
   data ID with the pool's shared backbone, which is frozen after pretraining (a stored pair's kv would
   otherwise depend on when it is recomputed).
 
-Trajectories start from generate_initial_state(): zeros (the seed's milestone 1) or the CTM's learned
-start state; their tick-0 prediction is the backbone's first impression (y_base, C_base).
+Trajectories start from generate_initial_state(): the optic nerve model's guess with --onm, else zeros (the
+seed's milestone 1) or the CTM's learned start state; their tick-0 prediction is the backbone's first
+impression (y_base, C_base).
+
+The loop (MasterTrainer) repeats: generate pairs with the pool (best_model.pth with probability p, else an
+expert_pool/ member) -> train the optic nerve model (--onm) and a cohort of challengers from best_model.pth
+on the mixing sampler (a share q of each batch from the expert buffer) -> score best and challengers by
+StateImprovementScore on held-out pairs, promote the highest. p rises and q falls over the cycles.
 """
 
 from __future__ import annotations
@@ -66,7 +75,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from common import (MetricsLogger, add_config_flags, atomic_save, atomic_write, config_field, cosine_lr,
+from common import (MetricsLogger, add_config_flags, atomic_save, atomic_write, atomic_write_bytes,
+                    config_field, cosine_lr,
                     given_flags, load_checkpoint, pick_device, seed_everything, time_calls)
 
 # -----------------------------------------------------------------------------
@@ -76,8 +86,8 @@ from common import (MetricsLogger, add_config_flags, atomic_save, atomic_write, 
 @dataclass
 class CTMConfig:
     """The task and the model's shape: stored with every weight file, equal across a weight pool."""
-    task: str = config_field("parity", "task: cumulative parity of a +-1 sequence, or maze routes",
-                             choices=("parity", "maze"))
+    task: str = config_field("maze", "task: maze routes, or the cumulative parity of a +-1 sequence",
+                             choices=("maze", "parity"))
     data_seed: int = config_field(0, "seed of the task generator: a data ID maps to the same sample under it")
     parity_len: int = config_field(16, "parity: sequence length")
     maze_size: int = config_field(4, "maze: cells per side (the image is 2*size+1 pixels wide)")
@@ -109,6 +119,8 @@ class CTMConfig:
             raise ValueError(f"--d-input ({self.d_input}) must be a multiple of --heads ({self.heads})")
         if self.nlm_hidden < 0 or not 0 <= self.dropout < 1:
             raise ValueError("--nlm-hidden must be >= 0 and --dropout in [0, 1)")
+        if self.maze_size < 2:
+            raise ValueError(f"--maze-size must be >= 2 (a route needs two cells), got {self.maze_size}")
         if self.maze_route_len < 2:
             raise ValueError(f"--maze-route-len must be >= 2 (one cell is 2 moves), got {self.maze_route_len}")
 
@@ -132,8 +144,8 @@ class CTMConfig:
 @dataclass
 class RunConfig:
     """Everything about a run that is not the model's shape; each field is a flag."""
-    out_dir: str = config_field("runs/ctm", "root of backbone.pth, best_model.pth, challenger_cohort/, "
-                                "expert_pool/ and the two replay buffers")
+    out_dir: str = config_field("", "root of backbone.pth, best_model.pth, challenger_cohort/, expert_pool/ "
+                                "and the two replay buffers ('': runs/ctm-TASK)")
     device: str = config_field("auto", "auto, cpu, cuda or cuda:N")
     threads: int = config_field(0, "torch CPU threads (0: torch's default)")
     seed: int = config_field(0, "seed of weights, data order and sampling")
@@ -141,7 +153,8 @@ class RunConfig:
     batch_size: int = config_field(32, "pretraining batch size")
     lr: float = config_field(1e-3, "peak learning rate (AdamW)")
     warmup: int = config_field(500, "linear warm-up iterations")
-    iters: int = config_field(4000, "pretraining iterations (the cosine ends here)")
+    iters: int = config_field(0, "pretraining iterations, where the cosine ends (0: 4000 for parity, the "
+                              "reference's setting, 1200 for mazes)")
     clip_quantile: float = config_field(0.9, "clip each gradient at this quantile of its last 1000 norms "
                                         "(1 disables)")
     weight_decay: float = config_field(0.0, "AdamW weight decay")
@@ -167,19 +180,49 @@ class RunConfig:
     io_threads: int = config_field(1, "threads writing pairs to the replay buffers")
     queue_size: int = config_field(2, "chunks (per worker) and pair batches (I/O) that may wait in a queue")
     buffer_capacity: int = config_field(200_000, "pairs kept per replay buffer (oldest files dropped first)")
+    val_fraction: float = config_field(0.1, "fraction of data IDs whose pairs are held out for the tournament")
+    # the self-improvement loop (MasterTrainer)
+    cycles: int = config_field(5, "cycles of generation -> training -> evaluation")
+    cohort: int = config_field(3, "challengers trained from best_model.pth per cycle, each with its own seed")
+    train_steps: int = config_field(150, "training steps of each challenger per cycle")
+    train_batch: int = config_field(64, "pairs per training batch")
+    unit_lr: float = config_field(1e-4, "learning rate of the thinking unit on pairs (AdamW)")
+    state_loss: str = config_field("sum", "sum: the seed's sum of the parts' MSEs; normalised: each MSE divided "
+                                   "by its target's variance in the batch (beta, in the hundreds, dominates the sum)",
+                                   choices=("sum", "normalised"))
+    p_end: float = config_field(0.8, "--p-best anneals linearly to this by the last cycle")
+    q_start: float = config_field(0.8, "share of each training batch from expert_replay_buffer/ in the first cycle")
+    q_end: float = config_field(0.2, "... and in the last cycle (the rest comes from self_play_replay_buffer/)")
+    val_pairs: int = config_field(1024, "held-out pairs of the tournament's validation set")
+    task_every: int = config_field(2, "measure the best model on the task every N cycles (and after the last)")
+    task_samples: int = config_field(512, "held-out samples of each task measurement")
+    task_budget: int = config_field(50, "ticks of the fixed-budget task measurement")
+    confidence: float = config_field(0.8, "iterate-until-confident decoding stops a sample at this certainty")
+    tick_cap: int = config_field(100, "... or after this many ticks")
+    onm: bool = config_field(False, "use and train the optic nerve model for the start states")
+    onm_steps: int = config_field(300, "optic nerve model training steps per cycle (and in --train-onm-offline)")
+    onm_lr: float = config_field(1e-3, "learning rate of the optic nerve model (AdamW)")
 
     def check(self) -> None:
-        positive = ("batch_size", "iters", "eval_every", "eval_samples", "pool_every", "save_every",
+        positive = ("batch_size", "eval_every", "eval_samples", "pool_every", "save_every",
                     "gen_batches", "gen_batch_size", "gen_ticks", "chunk_ticks", "workers", "io_threads",
-                    "queue_size", "buffer_capacity")
+                    "queue_size", "buffer_capacity", "cycles", "cohort", "train_steps", "train_batch", "val_pairs",
+                    "task_every", "task_samples", "task_budget", "tick_cap", "onm_steps")
         for name in positive:
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
-        for name in ("threads", "warmup", "pool_random", "weight_noise", "act_noise", "weight_decay"):
-            if getattr(self, name) < 0:
+        for name in ("threads", "iters", "warmup", "pool_random", "weight_noise", "act_noise", "weight_decay"):
+            if not getattr(self, name) >= 0:                 # written so that NaN fails too
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}")
         if not self.lr > 0 or not 0 < self.clip_quantile <= 1 or not 0 <= self.p_best <= 1:
             raise ValueError("--lr must be > 0, --clip-quantile in (0, 1] and --p-best in [0, 1]")
+        if not 0 < self.val_fraction < 1:
+            raise ValueError(f"--val-fraction must be in (0, 1), got {self.val_fraction}")
+        for name in ("p_end", "q_start", "q_end", "confidence"):
+            if not 0 <= getattr(self, name) <= 1:
+                raise ValueError(f"--{name.replace('_', '-')} must be in [0, 1], got {getattr(self, name)}")
+        if not self.unit_lr > 0 or not self.onm_lr > 0:
+            raise ValueError("--unit-lr and --onm-lr must be > 0")
         if self.gen_ticks < 2:
             raise ValueError(f"--gen-ticks must be >= 2 (a pair spans two ticks), got {self.gen_ticks}")
         if self.workers > self.gen_batch_size:
@@ -196,6 +239,7 @@ class CTMError(ValueError):
 # -----------------------------------------------------------------------------
 # tasks: every sample is a pure function of (data_seed, data ID), so kv can be rebuilt from the ID
 
+DEFAULT_ITERS = {"parity": 4000, "maze": 1200}     # --iters 0
 TEST_ID_BASE = 1 << 60          # held-out samples use IDs from here; training IDs are drawn below it
 MOVES = ((-1, 0), (1, 0), (0, -1), (0, 1))      # classes 0 up, 1 down, 2 left, 3 right; 4 is "stay"
 
@@ -625,6 +669,61 @@ class CTM(nn.Module):
         return torch.stack([s.y for s in states]), torch.stack([s.C for s in states]), y_base
 
 # -----------------------------------------------------------------------------
+# the optic nerve model: where to start thinking
+
+
+def theta_code(unit: ThinkingUnit, dim: int) -> torch.Tensor:
+    """The unit's weights for the optic nerve model, as a count sketch: every dynamics weight is added, with a
+    fixed random sign, to one of `dim` fixed random slots (seed 0, so every model is encoded alike). It is a
+    random projection (inner products of codes estimate those of the weights) that needs no stored matrix."""
+    flat = torch.cat([p.detach().flatten() for p in unit.dynamics_parameters().values()]).float().cpu()
+    gen = torch.Generator().manual_seed(0)
+    slot = torch.randint(dim, (flat.numel(),), generator=gen)
+    sign = torch.randint(0, 2, (flat.numel(),), generator=gen).float() * 2 - 1
+    return torch.zeros(dim).index_add_(0, slot, flat * sign) / math.sqrt(flat.numel() / dim)
+
+
+class OpticNerveModel(nn.Module):
+    """(y, C, kv, theta_unit) -> a full State (seed section 5). kv stands for the seed's (k, v): this CTM's
+    keys and values are two projections of the one kv. kv enters as 8 features per token, flattened; the
+    unit's weights as their count sketch. Each part is predicted as mean + scale * head(h), with mean and
+    scale per state element taken from the first training batch (beta runs to the hundreds, z stays near
+    zero), and beta is kept positive, as the ticks need it."""
+
+    def __init__(self, cfg: CTMConfig, theta_dim: int = 64, hidden: int = 512):
+        super().__init__()
+        self.cfg, self.theta_dim = cfg, theta_dim
+        self.kv_in = nn.Linear(cfg.d_input, 8)
+        d_in = cfg.n_kv * 8 + cfg.out_dims + 1 + theta_dim
+        self.body = nn.Sequential(nn.LayerNorm(d_in), nn.Linear(d_in, hidden), nn.GELU(),
+                                  nn.Linear(hidden, hidden), nn.GELU())
+        self.shapes = {k: v for k, v in state_shapes(cfg).items() if k in State.PARTS}
+        self.heads = nn.ModuleDict({k: nn.Linear(hidden, math.prod(v)) for k, v in self.shapes.items()})
+        for k, shape in self.shapes.items():
+            self.register_buffer(f"mean_{k}", torch.zeros(shape))
+            self.register_buffer(f"scale_{k}", torch.ones(shape))
+        self.register_buffer("fitted", torch.tensor(False))
+
+    def fit_scales(self, target: State) -> None:
+        """Set each element's mean and scale from a batch of target states (once, before training)."""
+        for k in self.shapes:
+            v = getattr(target, k).float()
+            getattr(self, f"mean_{k}").copy_(v.mean(0))
+            getattr(self, f"scale_{k}").copy_(v.std(0).nan_to_num(0).clamp(min=1e-3))
+        self.fitted.fill_(True)
+
+    def parts(self, y: torch.Tensor, C: torch.Tensor, kv: torch.Tensor, theta: torch.Tensor) -> dict:
+        h = self.body(torch.cat((self.kv_in(kv).flatten(1), y, C[:, None], theta.expand(y.size(0), -1)), 1))
+        parts = {k: getattr(self, f"mean_{k}") + getattr(self, f"scale_{k}") * head(h).view(-1, *self.shapes[k])
+                 for k, head in self.heads.items()}
+        parts["beta"] = parts["beta"].clamp(min=0)
+        return parts
+
+    def forward(self, y: torch.Tensor, C: torch.Tensor, kv: torch.Tensor, theta: torch.Tensor) -> State:
+        return State(**self.parts(y, C, kv, theta), y=y, C=C)
+
+
+# -----------------------------------------------------------------------------
 # standard CTM training (--pretrain): the backbone and the first weights of the pool
 
 
@@ -709,13 +808,20 @@ def pretrain(cfg: CTMConfig, run: RunConfig, device: torch.device, resume: bool)
     rng = np.random.default_rng(run.seed)
     start, last_eval = 0, None
     if resume:
-        ckpt = weights.checked(ckpt_path)
-        ctm.load_state_dict(ckpt["model"])
+        ckpt = weights.checked(ckpt_path, "model", "optimizer", "clip_norms", "data_rng", "torch_rng", "iteration")
+        load_weights(ctm, ckpt["model"], ckpt_path)
         opt.load_state_dict(ckpt["optimizer"])
         clip.norms = ckpt["clip_norms"]
         rng.bit_generator.state = ckpt["data_rng"]
         torch.set_rng_state(ckpt["torch_rng"])
+        if device.type == "cuda" and "cuda_rng" in ckpt:
+            torch.cuda.set_rng_state(ckpt["cuda_rng"], device)
         start, last_eval = ckpt["iteration"], ckpt["last_eval"]
+        log_path = root / "pretrain_log.jsonl"              # drop the rows logged after the checkpoint
+        if log_path.exists():
+            rows = [line for line in log_path.read_text().splitlines(keepends=True)
+                    if json.loads(line)["iteration"] <= start]
+            atomic_write_bytes("".join(rows).encode(), log_path)
         print(f"resumed pretraining at iteration {start} from {ckpt_path}")
     elif ckpt_path.exists():
         raise CTMError(f"{ckpt_path} exists: pass --resume to continue it, or choose another --out-dir")
@@ -747,6 +853,7 @@ def pretrain(cfg: CTMConfig, run: RunConfig, device: torch.device, resume: bool)
             atomic_save({"config": dataclasses.asdict(cfg), "run": dataclasses.asdict(run), "model": ctm.state_dict(),
                          "optimizer": opt.state_dict(), "clip_norms": clip.norms,
                          "data_rng": rng.bit_generator.state, "torch_rng": torch.get_rng_state(),
+                         **({"cuda_rng": torch.cuda.get_rng_state(device)} if device.type == "cuda" else {}),
                          "iteration": done, "last_eval": last_eval}, ckpt_path)
     log.close()
     weights.save_backbone(ctm.backbone)
@@ -758,6 +865,14 @@ def pretrain(cfg: CTMConfig, run: RunConfig, device: torch.device, resume: bool)
 # weight files: the shared backbone, best_model.pth, challenger_cohort/, expert_pool/
 
 WEIGHT_ID = re.compile(r"[A-Za-z0-9_.-]+")
+
+
+def load_weights(module: nn.Module, state: dict, source: object) -> None:
+    """load_state_dict, with a mismatch reported in one line."""
+    try:
+        module.load_state_dict(state)
+    except (RuntimeError, KeyError) as exc:
+        raise CTMError(f"{source}: the weights do not fit this model ({str(exc).splitlines()[0]})") from None
 
 
 class WeightManager:
@@ -772,8 +887,8 @@ class WeightManager:
         self.pool_dir = self.root / "expert_pool"
         self._cache: dict[str, dict] = {}
 
-    def checked(self, path: Path) -> dict:
-        """Load a file written by this script, refusing one of another config in one line."""
+    def checked(self, path: Path, *keys: str) -> dict:
+        """Load a file written by this script, refusing in one line one of another config or without `keys`."""
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
@@ -783,6 +898,9 @@ class WeightManager:
         if stored != self.cfg:
             diff = {k: v for k, v in dataclasses.asdict(stored).items() if getattr(self.cfg, k) != v}
             raise CTMError(f"{path}: weights of another config (differs in {diff})")
+        missing = [k for k in keys if k not in ckpt]
+        if missing:
+            raise CTMError(f"{path}: not the file expected here (no {', '.join(missing)})")
         return ckpt
 
     def _save(self, unit: ThinkingUnit, weight_id: str, path: Path) -> None:
@@ -806,13 +924,13 @@ class WeightManager:
                     self.backbone_path)
 
     def load_backbone(self, backbone: Backbone) -> None:
-        backbone.load_state_dict(self.checked(self.backbone_path)["backbone"])
+        load_weights(backbone, self.checked(self.backbone_path, "backbone")["backbone"], self.backbone_path)
 
     def pool_ids(self) -> list[str]:
         return sorted(p.stem for p in self.pool_dir.glob("*.pth")) if self.pool_dir.is_dir() else []
 
     def best_id(self) -> str | None:
-        return self.checked(self.best_path)["weight_id"] if self.best_path.exists() else None
+        return self.checked(self.best_path, "weight_id", "unit")["weight_id"] if self.best_path.exists() else None
 
     def pick(self, rng: np.random.Generator, p: float, best_id: str | None, pool: list[str]) -> tuple[str, str]:
         """(weight_id, buffer kind): best_model.pth with probability p, else a random expert_pool/ member."""
@@ -828,8 +946,8 @@ class WeightManager:
             candidates = [self.pool_dir / f"{weight_id}.pth", self.best_path, *sorted(self.cohort_dir.glob("*.pth"))]
             for path in candidates:
                 if path.is_file():
-                    ckpt = self.checked(path)
-                    if ckpt.get("weight_id") == weight_id:
+                    ckpt = self.checked(path, "weight_id", "unit")
+                    if ckpt["weight_id"] == weight_id:
                         self._cache[weight_id] = ckpt["unit"]
                         break
             else:
@@ -839,9 +957,9 @@ class WeightManager:
     def load_into(self, unit: ThinkingUnit, weight_id: str) -> None:
         state = self.load(weight_id)
         for kind in ("action", "out"):
-            if not torch.equal(state[f"pairs_{kind}"], getattr(unit, f"pairs_{kind}").cpu()):
+            if not torch.equal(state.get(f"pairs_{kind}", torch.empty(0)), getattr(unit, f"pairs_{kind}").cpu()):
                 raise CTMError(f"{weight_id}: neuron pairs differ from this pool's (pairing seed)")
-        unit.load_state_dict(state)
+        load_weights(unit, state, weight_id)
 
 # -----------------------------------------------------------------------------
 # the disk replay buffer
@@ -860,6 +978,12 @@ class PairBatch:
     def __len__(self) -> int:
         return len(self.weight_ids)
 
+    def take(self, rows: torch.Tensor) -> "PairBatch":
+        """The pairs at rows (indices or a mask)."""
+        keep = rows.nonzero().squeeze(1) if rows.dtype == torch.bool else rows
+        return PairBatch(self.before.map(lambda v: v[keep]), self.after.map(lambda v: v[keep]),
+                         [self.weight_ids[i] for i in keep.tolist()], self.data_ids[keep], self.ticks[keep])
+
     @staticmethod
     def cat(batches: list["PairBatch"]) -> "PairBatch":
         return PairBatch(State.cat([b.before for b in batches]), State.cat([b.after for b in batches]),
@@ -877,127 +1001,153 @@ def state_shapes(cfg: CTMConfig) -> dict[str, tuple[int, ...]]:
 PAIR_MAGIC = b"CTMPAIR1"
 
 
-def pair_arrays(parts: list[PairBatch]) -> dict[str, list[np.ndarray]]:
-    """The arrays of a pair file, each as the list of its parts' rows (written one after another)."""
-    arrays = {"data_ids": [p.data_ids.numpy() for p in parts], "ticks": [p.ticks.numpy() for p in parts]}
-    for side in ("before", "after"):
-        for name in State.FIELDS:
-            arrays[f"{side}.{name}"] = [getattr(getattr(p, side), name).contiguous().numpy() for p in parts]
-    return arrays
+def pair_layout(shapes: dict[str, tuple[int, ...]], count: int) -> tuple[dict, int]:
+    """Where each array of a pair file of `count` pairs lies: {name: {dtype, shape, offset}}, total bytes.
+    States are float32, data IDs and ticks int64; each array starts 64-byte aligned."""
+    arrays = {"data_ids": ("<i8", ()), "ticks": ("<i8", ())}
+    arrays.update({f"{side}.{k}": ("<f4", shape) for side in ("before", "after") for k, shape in shapes.items()})
+    layout, offset = {}, 0
+    for name, (dtype, shape) in arrays.items():
+        layout[name] = {"dtype": dtype, "shape": list(shape), "offset": offset}
+        offset += -(-count * math.prod(shape) * np.dtype(dtype).itemsize // 64) * 64
+    return layout, offset
+
+
+def pair_column(pairs: PairBatch, name: str) -> torch.Tensor:
+    """One array of a pair file ("data_ids", "ticks" or "before.z" ...) from a batch of pairs."""
+    if "." not in name:
+        return getattr(pairs, name)
+    side, field = name.split(".")
+    return getattr(getattr(pairs, side), field)
 
 
 def write_pair_file(f: io.BufferedIOBase, parts: list[PairBatch]) -> None:
     """MAGIC | header length (8 bytes) | JSON header | arrays, each 64-byte aligned. Rows are written straight
-    from the parts (no concatenated copy), and a reader can check the file's exact length."""
-    arrays = pair_arrays(parts)
+    from the parts (no concatenated copy), and a reader can check every byte of the layout."""
     count = sum(map(len, parts))
-    layout, offset = {}, 0
-    for name, chunks in arrays.items():
-        layout[name] = {"dtype": chunks[0].dtype.str, "shape": list(chunks[0].shape[1:]), "offset": offset}
-        offset += -(-sum(c.nbytes for c in chunks) // 64) * 64
+    shapes = {k: tuple(v.shape[1:]) for k, v in parts[0].before.tensors().items()}
+    layout, total = pair_layout(shapes, count)
     header = json.dumps({"weight_id": parts[0].weight_ids[0], "count": count, "arrays": layout,
-                         "bytes": offset}).encode()
+                         "bytes": total}).encode()
     head = PAIR_MAGIC + len(header).to_bytes(8, "little") + header
     f.write(head + bytes(-len(head) % 64))
-    for name, chunks in arrays.items():
+    for name, spec in layout.items():
         size = 0
-        for c in chunks:
-            f.write(memoryview(c).cast("B"))
-            size += c.nbytes
+        for p in parts:
+            dtype = torch.int64 if spec["dtype"] == "<i8" else torch.float32
+            chunk = pair_column(p, name).to(dtype).contiguous().numpy()
+            f.write(memoryview(chunk).cast("B"))
+            size += chunk.nbytes
         f.write(bytes(-size % 64))
 
 
-def read_pair_file(path: Path) -> dict:
-    """The header of a pair file plus a read-only memory-mapped array per entry; ValueError if the file is
-    not one, is cut short, or does not add up."""
+def read_pair_file(path: Path, shapes: dict[str, tuple[int, ...]], count: int, weight_id: str) -> dict:
+    """A pair file's header plus a read-only memory-mapped array per entry. ValueError unless the file is
+    exactly what write_pair_file writes for these shapes, this count and this weight_id."""
+    size = path.stat().st_size
     with open(path, "rb") as f:
         head = f.read(16)
-        if len(head) < 16 or head[:8] != PAIR_MAGIC:
+        length = int.from_bytes(head[8:16], "little")
+        if len(head) < 16 or head[:8] != PAIR_MAGIC or length > size - 16:
             raise ValueError("not a pair file")
-        header = json.loads(f.read(int.from_bytes(head[8:], "little")))
-    start = -(-(16 + int.from_bytes(head[8:], "little")) // 64) * 64
-    if path.stat().st_size != start + header["bytes"]:
-        raise ValueError(f"{path.stat().st_size} bytes, expected {start + header['bytes']} (cut short?)")
+        try:
+            header = json.loads(f.read(length))
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise ValueError(f"unreadable header ({exc})") from None
+    layout, total = pair_layout(shapes, count)
+    if header != {"weight_id": weight_id, "count": count, "arrays": layout, "bytes": total}:
+        raise ValueError("header does not match its name or this config's shapes")
+    start = -(-(16 + length) // 64) * 64
+    if size != start + total:
+        raise ValueError(f"{size} bytes, expected {start + total} (cut short?)")
     data = np.memmap(path, dtype=np.uint8, mode="r", offset=start)
-    header["data"] = {name: np.ndarray((header["count"], *a["shape"]), np.dtype(a["dtype"]), data, a["offset"])
-                      for name, a in header["arrays"].items()}
+    header["data"] = {name: np.ndarray((count, *a["shape"]), np.dtype(a["dtype"]), data, a["offset"])
+                      for name, a in layout.items()}
     return header
 
 
 class ReplayFolder:
-    """A FIFO of pair files in one folder. A file holds the pairs of one write, all from one weight_id, and is
-    named SEQ-COUNT-WEIGHTID.pairs, so the index needs no reads. Files are memory-mapped, so a batch reads
-    only its rows. A file that is cut short, unreadable or of other shapes than this config's is renamed
-    *.corrupt and skipped with a warning."""
+    """A FIFO of pair files in one folder. A file holds the pairs of one write, all from one weight_id and one
+    split (train or val), and is named SEQ-COUNT-SPLIT-WEIGHTID.pairs, so the index needs no reads. Files are
+    memory-mapped, so a batch reads only its rows. A file that is cut short, unreadable or of other shapes
+    than this config's is renamed *.corrupt and skipped with a warning."""
 
-    NAME = re.compile(r"(\d{9})-(\d+)-([A-Za-z0-9_.-]+)\.pairs")
+    NAME = re.compile(r"(\d{9})-(\d+)-(train|val)-([A-Za-z0-9_.-]+)\.pairs")
 
     def __init__(self, path: Path, capacity: int, shapes: dict[str, tuple[int, ...]]):
         self.path, self.capacity = Path(path), capacity
-        self.shapes = {f"{side}.{k}": list(v) for side in ("before", "after") for k, v in shapes.items()}
+        self.shapes = shapes
         self.path.mkdir(parents=True, exist_ok=True)
         self.lock = threading.Lock()
         self.open_files: dict[Path, dict] = {}
         for stale in self.path.glob(".*.tmp"):          # a write killed before its rename
             stale.unlink()
-        self.files: list[tuple[int, int, Path]] = []    # (seq, count, path), oldest first
+        self.files: dict[str, list[tuple[int, int, Path]]] = {"train": [], "val": []}   # (seq, count, path)
         for p in self.path.iterdir():
             m = self.NAME.fullmatch(p.name)
             if m:
-                self.files.append((int(m[1]), int(m[2]), p))
-        self.files.sort()
-        self.next_seq = self.files[-1][0] + 1 if self.files else 0
+                self.files[m[3]].append((int(m[1]), int(m[2]), p))
+        for files in self.files.values():
+            files.sort()
+        self.next_seq = max((f[-1][0] + 1 for f in self.files.values() if f), default=0)
+
+    def count(self, split: str) -> int:
+        return sum(count for _, count, _ in self.files[split])
 
     def __len__(self) -> int:
-        return sum(count for _, count, _ in self.files)
+        return self.count("train") + self.count("val")
 
-    def write(self, parts: list[PairBatch]) -> None:
+    def write(self, parts: list[PairBatch], split: str) -> None:
         weight_id, count = parts[0].weight_ids[0], sum(map(len, parts))
         if any(w != weight_id for p in parts for w in p.weight_ids):
             raise ValueError("a pair file holds the pairs of one weight_id")
         with self.lock:
             seq, self.next_seq = self.next_seq, self.next_seq + 1
-        path = self.path / f"{seq:09d}-{count}-{weight_id}.pairs"
+        path = self.path / f"{seq:09d}-{count}-{split}-{weight_id}.pairs"
         atomic_write(path, lambda f: write_pair_file(f, parts))
         with self.lock:
-            self.files.append((seq, count, path))
-            self.files.sort()
-            while len(self) > self.capacity and len(self.files) > 1:
-                _, _, oldest = self.files.pop(0)
-                self.open_files.pop(oldest, None)
-                oldest.unlink(missing_ok=True)
+            self.files[split].append((seq, count, path))
+            self.files[split].sort()
+            while len(self) > self.capacity and sum(map(len, self.files.values())) > 1:
+                oldest = min((f for f in self.files.values() if f), key=lambda f: f[0][0])
+                _, _, path = oldest.pop(0)
+                self.open_files.pop(path, None)
+                path.unlink(missing_ok=True)
 
     def _open(self, path: Path, count: int) -> dict | None:
+        """The file's record, or None (with a warning) if it cannot be used: a malformed file is renamed
+        *.corrupt, one that cannot be opened now (say, out of file descriptors) is only skipped."""
         if path not in self.open_files:
             try:
-                record = read_pair_file(path)
-                shapes = {k: a["shape"] for k, a in record["arrays"].items() if k in self.shapes}
-                if record["count"] != count or shapes != self.shapes:
-                    raise ValueError("count or shapes differ from this config's")
-            except (OSError, ValueError, KeyError, TypeError) as exc:   # never fatal: skip the file
-                warnings.warn(f"{path}: unreadable pair file skipped and renamed *.corrupt ({exc})")
+                record = read_pair_file(path, self.shapes, count, self.NAME.fullmatch(path.name)[4])
+            except ValueError as exc:
+                warnings.warn(f"{path}: malformed pair file skipped and renamed *.corrupt ({exc})")
                 with contextlib.suppress(OSError):
                     path.rename(path.with_name(path.name + ".corrupt"))
                 return None
-            if len(self.open_files) >= 1024:
+            except OSError as exc:
+                warnings.warn(f"{path}: pair file skipped, cannot be read now ({exc})")
+                return None
+            if len(self.open_files) >= 64:              # each map holds a file descriptor
                 self.open_files.pop(next(iter(self.open_files)))
             self.open_files[path] = record
         return self.open_files[path]
 
-    def sample(self, n: int, rng: np.random.Generator) -> list[PairBatch]:
-        """n pairs drawn uniformly without replacement (fewer if the folder holds fewer). A draw that meets
+    def sample(self, n: int, rng: np.random.Generator, split: str) -> list[PairBatch]:
+        """n pairs of a split drawn uniformly without replacement (fewer if it holds fewer). A draw that meets
         a bad file drops it and draws again."""
-        while self.files:
-            counts = np.array([c for _, c, _ in self.files])
+        files = self.files[split]
+        while files:
+            counts = np.array([c for _, c, _ in files])
             ends = np.cumsum(counts)
             picks = rng.choice(ends[-1], size=min(n, ends[-1]), replace=False)
             file_of = np.searchsorted(ends, picks, side="right")
-            touched = {int(f): self._open(self.files[f][2], self.files[f][1]) for f in np.unique(file_of)}
+            touched = {int(f): self._open(files[f][2], files[f][1]) for f in np.unique(file_of)}
             bad = [f for f, record in touched.items() if record is None]
             if bad:
                 with self.lock:
                     for f in sorted(bad, reverse=True):
-                        self.files.pop(f)
+                        files.pop(f)
                 continue
             out = []
             for f, record in touched.items():
@@ -1013,43 +1163,64 @@ class ReplayFolder:
 class DiskReplayBuffer:
     """The two replay buffers: expert_replay_buffer/ (pairs made by expert_pool/ weights) and
     self_play_replay_buffer/ (pairs made by best_model.pth). Writes are atomic; a killed write leaves no
-    readable half file."""
+    readable half file. A fixed fraction of data IDs is held out: their pairs form the validation split
+    that the tournament scores on, so no challenger has trained on them (and no sample's trajectory is in
+    both splits)."""
 
     KINDS = ("expert", "self_play")
 
-    def __init__(self, root: Path, cfg: CTMConfig, capacity: int):
+    def __init__(self, root: Path, cfg: CTMConfig, capacity: int, val_fraction: float = 0.1):
         shapes = state_shapes(cfg)
+        self.val_fraction = val_fraction
         self.folders = {kind: ReplayFolder(Path(root) / f"{kind}_replay_buffer", capacity, shapes)
                         for kind in self.KINDS}
 
-    def save_pair(self, pairs: PairBatch | list[PairBatch], kind: str) -> None:
-        """Store one pair, a batch of pairs or a list of batches (one weight_id) as one file in the `kind`
-        buffer."""
-        self.folders[kind].write(pairs if isinstance(pairs, list) else [pairs])
+    def is_validation(self, data_ids: torch.Tensor) -> torch.Tensor:
+        return data_ids % 1000 < round(1000 * self.val_fraction)
 
-    def load_batch(self, n: int, q: float = 0.5, rng: np.random.Generator | None = None) -> PairBatch:
-        """n random pairs, a fraction q from the expert buffer and the rest from the self-play buffer (from
-        the other when one runs short)."""
+    def save_pair(self, pairs: PairBatch | list[PairBatch], kind: str) -> None:
+        """Store one pair, a batch of pairs or a list of batches (one weight_id) in the `kind` buffer: one
+        file per split that receives pairs."""
+        parts = pairs if isinstance(pairs, list) else [pairs]
+        for split in ("train", "val"):
+            masks = [self.is_validation(p.data_ids) == (split == "val") for p in parts]
+            chosen = [p if mask.all() else p.take(mask) for p, mask in zip(parts, masks) if mask.any()]
+            if chosen:
+                self.folders[kind].write(chosen, split)
+
+    def load_batch(self, n: int, q: float = 0.5, rng: np.random.Generator | None = None,
+                   split: str = "train") -> PairBatch:
+        """n random pairs of a split, a fraction q from the expert buffer and the rest from the self-play
+        buffer (from the other when one runs short)."""
         rng = rng or np.random.default_rng()
-        have = self.counts()
-        n_self = min(n - min(int(round(q * n)), have["expert"]), have["self_play"])
-        parts = self.folders["expert"].sample(min(n - n_self, have["expert"]), rng)
-        parts += self.folders["self_play"].sample(n_self, rng)
+        while True:                      # a draw that met a bad file (now dropped from the index) is redone
+            have = self.counts(split)
+            n_self = min(n - min(int(round(q * n)), have["expert"]), have["self_play"])
+            n_expert = min(n - n_self, have["expert"])
+            parts = self.folders["expert"].sample(n_expert, rng, split)
+            parts += self.folders["self_play"].sample(n_self, rng, split)
+            if sum(map(len, parts)) == n_expert + n_self:
+                break
         if not parts:
-            raise CTMError(f"the replay buffers under {self.folders['expert'].path.parent} hold no pairs")
+            raise CTMError(f"the replay buffers under {self.folders['expert'].path.parent} hold no {split} pairs")
         return PairBatch.cat(parts)
 
-    def counts(self) -> dict[str, int]:
-        return {kind: len(folder) for kind, folder in self.folders.items()}
+    def counts(self, split: str | None = None) -> dict[str, int]:
+        """Pairs per buffer, in one split or in both."""
+        return {kind: folder.count(split) if split else len(folder) for kind, folder in self.folders.items()}
+
 
 # -----------------------------------------------------------------------------
 # self-play data: long forward passes, the streaming filter, the three-level pipeline
 
 
 def generate_initial_state(y_base: torch.Tensor, C_base: torch.Tensor, kv: torch.Tensor, unit: ThinkingUnit,
-                           how: str) -> State:
-    """The start State^0 of a trajectory, with the first impression as its prediction. Until the optic nerve
-    model exists it ignores (y_base, C_base, kv): zeros, or the unit's learned start state."""
+                           how: str, onm: OpticNerveModel | None = None) -> State:
+    """The start State^0 of a trajectory, with the first impression as its prediction: the optic nerve
+    model's guess from (y_base, C_base, kv, theta_unit) when there is one, else zeros (the seed's milestone 1)
+    or the unit's learned start state."""
+    if onm is not None:
+        return onm(y_base, C_base, kv, theta_code(unit, onm.theta_dim).to(kv.device))
     s = unit.start_state(kv.size(0), learned=how == "learned")
     s.y, s.C = y_base, C_base
     return s
@@ -1211,11 +1382,12 @@ class DataGenerator:
     FLUSH_PAIRS = 256             # a worker writes a file once it holds this many pairs (or at a batch's end)
 
     def __init__(self, cfg: CTMConfig, run: RunConfig, device: torch.device, weights: WeightManager,
-                 buffer: DiskReplayBuffer):
+                 buffer: DiskReplayBuffer, onm: OpticNerveModel | None = None, seed: int | None = None):
         self.cfg, self.run, self.device, self.weights, self.buffer = cfg, run, device, weights, buffer
+        self.onm = onm.to(device).eval() if onm is not None else None
         self.ctm = CTM(cfg).to(device).eval()
         weights.load_backbone(self.ctm.backbone)
-        self.rng = np.random.default_rng(run.seed)
+        self.rng = np.random.default_rng(run.seed if seed is None else seed)
 
     # level 1: the device
     @torch.inference_mode()
@@ -1227,18 +1399,21 @@ class DataGenerator:
         for b in range(n_batches):
             weight_id, kind = self.weights.pick(self.rng, run.p_best, best_id, pool_ids)
             self.weights.load_into(unit, weight_id)
-            if run.weight_noise:
+            noise = torch.Generator(self.device).manual_seed(int(self.rng.integers(2**62)))
+            if run.weight_noise:             # the pairs keep the clean weights' id: the noise is exploration
                 for p in unit.parameters():
-                    p.add_(torch.randn_like(p) * p.std().nan_to_num(0) * run.weight_noise)
+                    if p.numel() > 1:
+                        p.add_(torch.randn(p.shape, generator=noise, device=p.device) * p.std() * run.weight_noise)
             ids = train_ids(self.rng, run.gen_batch_size)
             x, targets = task_batch(self.cfg, ids, self.device)
             kv, y_base = self.ctm.backbone(x)
-            s = generate_initial_state(y_base, certainty(y_base, self.cfg.out_shape), kv, unit, run.init_state)
+            s = generate_initial_state(y_base, certainty(y_base, self.cfg.out_shape), kv, unit, run.init_state,
+                                       self.onm)
             states = itertools.chain([s], unit.run(s, kv, run.gen_ticks))
             buf, row, first = None, 0, 0
             for t, s in enumerate(states):
                 if run.act_noise and t:
-                    s.z = s.z + run.act_noise * torch.randn_like(s.z)
+                    s.z = s.z + run.act_noise * torch.randn(s.z.shape, generator=noise, device=s.z.device)
                 buf = buf or pool.acquire(wait, users)
                 for k, v in s.tensors().items():
                     buf[k][row].copy_(v, non_blocking=cuda)
@@ -1392,6 +1567,9 @@ def ensure_weights(weights: WeightManager, run: RunConfig) -> None:
     so that data can be generated by random models (the seed's milestone 3)."""
     if weights.backbone_path.exists():
         return
+    if (weights.root / "pretrain_ckpt.pt").exists():
+        raise CTMError(f"{weights.root}: its pretraining was interrupted (no backbone.pth yet): finish it with "
+                       "--pretrain --resume first")
     seed_everything(run.seed)
     weights.save_backbone(Backbone(weights.cfg))
     for i in range(max(run.pool_random, 1)):
@@ -1406,7 +1584,7 @@ def generate(cfg: CTMConfig, run: RunConfig, device: torch.device) -> YieldStats
     root = Path(run.out_dir)
     weights = WeightManager(root, cfg)
     ensure_weights(weights, run)
-    buffer = DiskReplayBuffer(root, cfg, run.buffer_capacity)
+    buffer = DiskReplayBuffer(root, cfg, run.buffer_capacity, run.val_fraction)
     generator = DataGenerator(cfg, run, device, weights, buffer)
     t0 = time.perf_counter()
     stats = generator.run_threaded(run.gen_batches)
@@ -1417,6 +1595,470 @@ def generate(cfg: CTMConfig, run: RunConfig, device: torch.device) -> YieldStats
     with MetricsLogger(root / "generate_log.jsonl") as log:
         log.log(phase="generate", seconds=seconds, filter=run.filter, **stats.to_json())
     return stats
+
+# -----------------------------------------------------------------------------
+# phase two: training on pairs (the thinking unit, the optic nerve model)
+
+
+def rebuild_inputs(backbone: Backbone, cfg: CTMConfig, data_ids: torch.Tensor, device: torch.device
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """kv and the task targets of stored pairs, regenerated from their data IDs (the backbone is frozen)."""
+    x, targets = task_batch(cfg, data_ids, device)
+    with torch.no_grad():
+        kv, _ = backbone(x)
+    return kv, targets
+
+
+def on_device(pairs: PairBatch, device: torch.device) -> tuple[State, State]:
+    return pairs.before.map(lambda v: v.to(device)), pairs.after.map(lambda v: v.to(device))
+
+
+def train_unit(unit: ThinkingUnit, backbone: Backbone, buffer: DiskReplayBuffer, run: RunConfig, q: float,
+               seed: int, device: torch.device, desc: str) -> dict:
+    """--train-steps AdamW steps of the state loss (the sum of the MSEs of z, A, alpha, beta, o) on batches
+    from the mixing sampler: a share q from the expert buffer, the rest from the self-play buffer. The seed
+    sets the data order and everything random in the step."""
+    torch.manual_seed(seed)
+    rng = np.random.default_rng(seed)
+    params = list(unit.dynamics_parameters().values())
+    opt = torch.optim.AdamW(params, lr=run.unit_lr, weight_decay=0.0)
+    unit.train()
+    losses, parts = [], {}
+    for _ in tqdm(range(run.train_steps), desc=desc, leave=False, dynamic_ncols=True):
+        pairs = buffer.load_batch(run.train_batch, q, rng)
+        before, after = on_device(pairs, device)
+        kv, _ = rebuild_inputs(backbone, unit.cfg, pairs.data_ids, device)
+        parts = unit(before, kv).mse(after)
+        scale = ({k: 1 / getattr(after, k).var().clamp(min=1e-8) for k in parts} if run.state_loss == "normalised"
+                 else dict.fromkeys(parts, 1.0))
+        loss = sum(v * scale[k] for k, v in parts.items())
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        losses.append(loss.item())
+    unit.eval()
+    head = max(1, len(losses) // 10)
+    return {"loss_first": float(np.mean(losses[:head])), "loss_last": float(np.mean(losses[-head:])),
+            **{f"loss_{k}": v.item() for k, v in parts.items()}}
+
+
+def onm_loss(onm: OpticNerveModel, backbone: Backbone, pairs: PairBatch, thetas: dict[str, torch.Tensor],
+             device: torch.device) -> torch.Tensor:
+    """The seed's ONM objective: from (y_{t+2}, C_{t+2}, kv, theta of the weights that made the pair), the
+    full State_{t+2}; the sum of the parts' MSEs."""
+    _, after = on_device(pairs, device)
+    kv, _ = rebuild_inputs(backbone, onm.cfg, pairs.data_ids, device)
+    theta = torch.stack([thetas[w] for w in pairs.weight_ids]).to(device)       # (n, theta_dim)
+    guess = onm.parts(after.y, after.C, kv, theta)
+    return sum(F.mse_loss(v, getattr(after, k)) for k, v in guess.items())
+
+
+def train_onm(onm: OpticNerveModel, backbone: Backbone, weights: WeightManager, buffer: DiskReplayBuffer,
+              run: RunConfig, device: torch.device, seed: int, val_pairs: int = 512) -> dict:
+    """--onm-steps AdamW steps of the optic nerve model on the train split, with its loss on a fixed sample
+    of the held-out split before and after (and every tenth of the way)."""
+    torch.manual_seed(seed)
+    rng = np.random.default_rng(seed)
+    scratch, thetas = ThinkingUnit(weights.cfg), {}
+
+    def theta_of(ids: list[str]) -> dict[str, torch.Tensor]:
+        for w in set(ids) - set(thetas):
+            weights.load_into(scratch, w)
+            thetas[w] = theta_code(scratch, onm.theta_dim)
+        return thetas
+
+    val = (buffer.load_batch(val_pairs, 0.5, np.random.default_rng(seed + 1), split="val")
+           if sum(buffer.counts("val").values()) else None)
+
+    def val_loss() -> float | None:
+        if val is None:                                     # too few pairs so far to hold any out
+            return None
+        onm.eval()
+        with torch.no_grad():
+            loss = onm_loss(onm, backbone, val, theta_of(val.weight_ids), device).item()
+        onm.train()
+        return loss
+
+    if not onm.fitted:
+        onm.fit_scales(on_device(buffer.load_batch(4 * run.train_batch, 0.5, rng), device)[1])
+    opt = torch.optim.AdamW(onm.parameters(), lr=run.onm_lr)
+    curve = [val_loss()]
+    onm.train()
+    for step in tqdm(range(run.onm_steps), desc="optic nerve model", leave=False, dynamic_ncols=True):
+        pairs = buffer.load_batch(run.train_batch, 0.5, rng)
+        loss = onm_loss(onm, backbone, pairs, theta_of(pairs.weight_ids), device)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(onm.parameters(), 1.0)
+        opt.step()
+        if (step + 1) % max(1, run.onm_steps // 10) == 0:
+            curve.append(val_loss())
+    onm.eval()
+    return {"onm_val_before": curve[0], "onm_val_after": curve[-1], "onm_val_curve": curve}
+
+# -----------------------------------------------------------------------------
+# phase three: the tournament and the task
+
+
+@torch.no_grad()
+def improvement_score(unit: ThinkingUnit, backbone: Backbone, pairs: PairBatch, device: torch.device,
+                      batch: int = 256) -> dict:
+    """StateImprovementScore = sum(C_{t+2} - C_t) + sum(Loss_t - Loss_{t+2}) over the pairs, with State_{t+2}
+    the unit's own continuation of each stored State_t (the stored State_{t+2} is not used)."""
+    cfg, gain, drop = unit.cfg, 0.0, 0.0
+    for lo in range(0, len(pairs), batch):
+        part = pairs.take(torch.arange(lo, min(lo + batch, len(pairs))))
+        before, _ = on_device(part, device)
+        kv, targets = rebuild_inputs(backbone, cfg, part.data_ids, device)
+        after = unit(before, kv)
+        gain += (after.C - before.C).sum().item()
+        drop += (tick_losses(before.y, targets, cfg.out_shape).mean(-1)
+                 - tick_losses(after.y, targets, cfg.out_shape).mean(-1)).sum().item()
+    return {"score": gain + drop, "certainty_gain": gain, "loss_drop": drop}
+
+
+@torch.no_grad()
+def task_performance(unit: ThinkingUnit, backbone: Backbone, run: RunConfig, device: torch.device,
+                     onm: OpticNerveModel | None = None, batch: int = 256) -> dict:
+    """Held-out samples from generate_initial_state(): solve rate (every position right) and accuracy after
+    a fixed --task-budget ticks, and with iterate-until-confident decoding (State_{n+2} = f(State_n) until the
+    certainty reaches --confidence or --tick-cap ticks; a finished sample keeps its answer), with the mean
+    ticks it used."""
+    cfg, n = unit.cfg, run.task_samples
+    totals = dict.fromkeys(("solve_budget", "acc_budget", "solve_confident", "acc_confident", "ticks_confident",
+                            "confident"), 0.0)
+    for lo in range(0, n, batch):
+        x, targets = task_batch(cfg, test_ids(min(batch, n - lo), lo), device)
+        kv, y_base = backbone(x)
+        start = generate_initial_state(y_base, certainty(y_base, cfg.out_shape), kv, unit, run.init_state, onm)
+        *_, last = unit.run(start, kv, run.task_budget)
+        s, answer = start, start.y.clone()
+        done = torch.zeros(x.size(0), dtype=torch.bool, device=device)
+        ticks = torch.full((x.size(0),), run.tick_cap, device=device)
+        for used in range(2, run.tick_cap + 1, 2):
+            s = unit(s, kv)
+            now = ~done & (s.C >= run.confidence)
+            answer[now], ticks[now] = s.y[now], used
+            done |= now
+            if done.all():
+                break
+        answer[~done] = s.y[~done]
+        for name, y in (("budget", last.y), ("confident", answer)):
+            right = y.view(-1, *cfg.out_shape).argmax(-1) == targets
+            totals[f"solve_{name}"] += right.all(-1).sum().item()
+            totals[f"acc_{name}"] += right.float().mean(-1).sum().item()
+        totals["ticks_confident"] += ticks.float().sum().item()
+        totals["confident"] += done.sum().item()
+    return {k: v / n for k, v in totals.items()}
+
+# -----------------------------------------------------------------------------
+# MasterTrainer: the self-improvement loop
+
+
+def anneal(start: float, end: float, cycle: int, cycles: int) -> float:
+    return start + (end - start) * cycle / max(cycles - 1, 1)
+
+
+class MasterTrainer:
+    """Cycles of data generation -> training (optic nerve model, then a challenger cohort) -> evaluation
+    (a tournament on held-out pairs), with p and q annealed over the cycles.
+
+    Resumable after a kill at any point: master_state.json (written atomically) records the cycle and the
+    phase in progress. An interrupted phase restarts: generation draws new data (a new attempt seed, so no
+    pair is stored twice), training keeps the challengers already saved, evaluation is repeated (the
+    dethroned best is archived in expert_pool/ before best_model.pth is replaced). Pair files and weights are
+    written atomically, so nothing half-written is ever read."""
+
+    PHASES = ("generate", "train", "evaluate")         # methods phase_<name>
+
+    def __init__(self, cfg: CTMConfig, run: RunConfig, device: torch.device):
+        self.cfg, self.run, self.device = cfg, run, device
+        self.root = Path(run.out_dir)
+        self.weights = WeightManager(self.root, cfg)
+        self.buffer = DiskReplayBuffer(self.root, cfg, run.buffer_capacity, run.val_fraction)
+        self.state_path = self.root / "master_state.json"
+        self.state = {"cycle": 0, "phase": "generate", "attempt": 0, "history": [], "base": None}
+        if self.state_path.exists():
+            try:
+                self.state = json.loads(self.state_path.read_text())
+            except (ValueError, UnicodeDecodeError) as exc:
+                raise CTMError(f"{self.state_path}: not a loop state file ({exc})") from None
+        self.backbone = Backbone(cfg).to(device).eval()
+        self.onm = None
+        self.tensorboard = None
+
+    def save_state(self, **changes: object) -> None:
+        self.state.update(changes)
+        atomic_write_bytes(json.dumps(self.state, indent=1).encode(), self.state_path)
+
+    def unit(self, weight_id: str) -> ThinkingUnit:
+        unit = ThinkingUnit(self.cfg)
+        self.weights.load_into(unit, weight_id)
+        return unit.to(self.device).eval()
+
+    def loop(self) -> list[dict]:
+        """Run (or continue) the loop; returns the per-cycle records."""
+        run = self.run
+        if not self.weights.best_path.exists():
+            print(f"no best_model.pth in {self.root}: pretraining the base CTM first")
+            pretrain(self.cfg, run, self.device, resume=(self.root / "pretrain_ckpt.pt").exists())
+        self.weights.load_backbone(self.backbone)
+        self.open_onm()
+        self.open_tensorboard()
+        if self.state["base"] is None:          # the pretrained CTM as it is, measured as the loop's bests will be
+            base_id = self.weights.best_id()
+            self.save_state(base={"weight_id": base_id, **task_performance(
+                self.unit(base_id), self.backbone, run, self.device)})
+        print(self.describe_base())
+        while self.state["cycle"] < run.cycles:
+            cycle = self.state["cycle"]
+            record = self.state.get("record") or {"cycle": cycle + 1}
+            todo = self.PHASES[self.PHASES.index(self.state["phase"]):] if self.state["phase"] != "done" else ()
+            for phase in todo:
+                record.update(getattr(self, f"phase_{phase}")(cycle))
+                following = self.PHASES.index(phase) + 1
+                self.save_state(phase=self.PHASES[following] if following < len(self.PHASES) else "done",
+                                record=record)
+            self.log_cycle(record)
+            self.save_state(cycle=cycle + 1, phase="generate", attempt=0, record=None,
+                            history=[*self.state["history"], record])
+        report = self.report()
+        print(report)
+        return self.state["history"]
+
+    # the phases: each returns its part of the cycle's record
+    def phase_generate(self, cycle: int) -> dict:
+        run = self.run
+        p = anneal(run.p_best, run.p_end, cycle, run.cycles)
+        attempt = self.state["attempt"]
+        self.save_state(attempt=attempt + 1)
+        gen = DataGenerator(self.cfg, dataclasses.replace(run, p_best=p), self.device, self.weights, self.buffer,
+                            self.onm, seed=run.seed * 1_000_003 + cycle * 1009 + attempt)
+        stats = gen.run_threaded(run.gen_batches)
+        tqdm.write(f"cycle {cycle + 1}: generated {stats.written} pairs (lenient {stats.kept['lenient']}, strict "
+                   f"{stats.kept['strict']} of {stats.candidates}); buffers {self.buffer.counts()}")
+        return {"p": p, "pairs": stats.written, "candidates": stats.candidates,
+                "yield_strict": stats.kept["strict"] / max(stats.candidates, 1),
+                "yield_lenient": stats.kept["lenient"] / max(stats.candidates, 1)}
+
+    def phase_train(self, cycle: int) -> dict:
+        """The optic nerve model (with --onm), then the challenger cohort: each starts from best_model.pth and
+        trains with its own seed; a challenger already saved in this cycle is kept."""
+        run, record = self.run, {}
+        q = anneal(run.q_start, run.q_end, cycle, run.cycles)
+        best_id = self.weights.best_id()
+        if self.onm is not None:
+            record.update(train_onm(self.onm, self.backbone, self.weights, self.buffer, run, self.device,
+                                    seed=run.seed + cycle))
+            atomic_save({"config": dataclasses.asdict(self.cfg), "onm": self.onm.state_dict()}, self.onm_path)
+        losses = []
+        for i in range(run.cohort):
+            weight_id = f"cycle{cycle + 1}-challenger{i}"
+            path = self.weights.cohort_dir / f"challenger_{i}.pth"
+            if path.exists() and self.weights.checked(path, "weight_id", "unit")["weight_id"] == weight_id:
+                continue
+            unit = self.unit(best_id)
+            stats = train_unit(unit, self.backbone, self.buffer, run, q, run.seed * 7919 + cycle * 101 + i,
+                               self.device, f"cycle {cycle + 1} challenger {i}")
+            self.weights.save_challenger(unit, i, weight_id)
+            losses.append(stats)
+        if losses:
+            record.update({k: float(np.mean([l[k] for l in losses])) for k in losses[0]})
+        return {"q": q, **record}
+
+    def phase_evaluate(self, cycle: int) -> dict:
+        """Score best_model.pth and every challenger on the same held-out pairs; promote the highest (the
+        dethroned best is archived in expert_pool/), clear the cohort; every --task-every cycles, measure the
+        best on the task."""
+        run = self.run
+        best_id = self.weights.best_id()
+        entrants = [best_id] + [self.weights.checked(p, "weight_id", "unit")["weight_id"]
+                                for p in sorted(self.weights.cohort_dir.glob("challenger_*.pth"))]
+        val, scores, winner = [], {}, best_id
+        if sum(self.buffer.counts("val").values()):
+            val = self.buffer.load_batch(run.val_pairs, 0.5, np.random.default_rng(run.seed + cycle), split="val")
+            scores = {w: improvement_score(self.unit(w), self.backbone, val, self.device)["score"] for w in entrants}
+            winner = max(entrants, key=lambda w: (scores[w], w == best_id))      # a tie keeps the best
+        if winner != best_id:
+            if best_id not in self.weights.pool_ids():
+                self.weights.save_pool(self.unit(best_id), best_id)
+            self.weights.save_best(self.unit(winner), winner)
+        shutil.rmtree(self.weights.cohort_dir, ignore_errors=True)
+        record = {"val_pairs": len(val), "score_best": scores.get(best_id),
+                  "score_challengers": [scores[w] for w in entrants[1:] if w in scores],
+                  "promoted": winner != best_id, "best": winner,
+                  "score_per_pair": scores[best_id] / len(val) if scores else None}
+        if scores:
+            tqdm.write(f"cycle {cycle + 1}: StateImprovementScore best {scores[best_id]:.2f}, challengers "
+                       f"{', '.join(f'{scores[w]:.2f}' for w in entrants[1:])} -> "
+                       f"{'promoted ' + winner if winner != best_id else 'best kept'}")
+        else:                                                # too few pairs so far to hold any out
+            tqdm.write(f"cycle {cycle + 1}: no held-out pairs yet, so no tournament: the best is kept")
+        if (cycle + 1) % run.task_every == 0 or cycle + 1 == run.cycles:
+            record.update(task_performance(self.unit(winner), self.backbone, run, self.device, self.onm))
+            tqdm.write(f"cycle {cycle + 1}: solve rate {record['solve_budget']:.3f} at {run.task_budget} ticks, "
+                       f"{record['solve_confident']:.3f} until confident ({record['ticks_confident']:.1f} ticks)")
+        return record
+
+    # the optic nerve model, logs, the report
+    @property
+    def onm_path(self) -> Path:
+        return self.root / "optic_nerve_model.pth"
+
+    def open_onm(self) -> None:
+        if not self.run.onm:
+            return
+        self.onm = OpticNerveModel(self.cfg).to(self.device)
+        if self.onm_path.exists():
+            load_weights(self.onm, self.weights.checked(self.onm_path, "onm")["onm"], self.onm_path)
+        self.onm.eval()
+
+    def open_tensorboard(self) -> None:
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:                                  # optional: JSONL is the record
+            return
+        self.tensorboard = SummaryWriter(str(self.root / "tensorboard"))
+
+    def log_cycle(self, record: dict) -> None:
+        with MetricsLogger(self.root / "cycles.jsonl") as log:
+            log.log(**record)
+        if self.tensorboard is not None:
+            for key, value in record.items():
+                if isinstance(value, (int, float)) and not isinstance(value, bool):
+                    self.tensorboard.add_scalar(key, value, record["cycle"])
+            self.tensorboard.flush()
+
+    def describe_base(self) -> str:
+        b, run = self.state["base"], self.run
+        return (f"base CTM {b['weight_id']}: solve rate {b['solve_budget']:.3f} at {run.task_budget} ticks, "
+                f"{b['solve_confident']:.3f} until confident ({b['ticks_confident']:.1f} ticks)")
+
+    def report(self) -> str:
+        """The per-cycle table; also writes cycles.svg."""
+        rows, base = self.state["history"], self.state["base"]
+        lines = [self.describe_base(), "score: StateImprovementScore on the cycle's held-out pairs (per pair, "
+                 "best model and best challenger); yield: pairs stored / candidates",
+                 f"{'cycle':>5s} {'pairs':>7s} {'yield':>6s} {'loss':>8s} {'score best':>10s} {'best chall.':>11s} "
+                 f"{'promoted':>8s} {'solve@budget':>12s} {'solve@conf':>10s} {'ticks':>6s}"]
+        for r in rows:
+            task = (f"{r['solve_budget']:12.3f} {r['solve_confident']:10.3f} {r['ticks_confident']:6.1f}"
+                    if "solve_budget" in r else f"{'':12s} {'':10s} {'':6s}")
+            score = (f"{r['score_best'] / r['val_pairs']:10.4f} "
+                     f"{max(r['score_challengers'], default=float('nan')) / r['val_pairs']:11.4f}"
+                     if r["score_best"] is not None else f"{'no tournament':>22s}")
+            lines.append(f"{r['cycle']:5d} {r['pairs']:7d} {r['pairs'] / max(r['candidates'], 1):6.1%} "
+                         f"{r.get('loss_last', float('nan')):8.4f} {score} {'yes' if r['promoted'] else 'no':>8s} {task}")
+        promoted = sum(r["promoted"] for r in rows)
+        lines.append(f"promotions: {promoted} of {len(rows)} cycles")
+        write_cycles_plot(self.root / "cycles.svg", rows, base, self.run)
+        return "\n".join(lines)
+
+
+def write_cycles_plot(path: Path, rows: list[dict], base: dict, run: RunConfig) -> None:
+    """A two-panel SVG (no plotting package needed): the StateImprovementScore of the best model entering each
+    cycle and of its best challenger; the solve rates with the pretrained base CTM's as dashed lines."""
+    cycles = [r["cycle"] for r in rows]
+    tasked = [r for r in rows if "solve_budget" in r]
+    scored = [r for r in rows if r["score_best"] is not None]
+    panels = [("StateImprovementScore per held-out pair",
+               [("best", "#1f77b4", [(r["cycle"], r["score_best"] / r["val_pairs"]) for r in scored], None),
+                ("best challenger", "#d62728", [(r["cycle"], max(r["score_challengers"]) / r["val_pairs"])
+                                                for r in scored if r["score_challengers"]], None)]),
+              ("solve rate", [(f"{run.task_budget} ticks", "#1f77b4", [(r["cycle"], r["solve_budget"]) for r in tasked],
+                               base["solve_budget"]),
+                              ("until confident", "#2ca02c", [(r["cycle"], r["solve_confident"]) for r in tasked],
+                               base["solve_confident"])])]
+    width, height, pad = 420, 260, 40
+    out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{2 * width}" height="{height}" font-family="sans-serif" '
+           'font-size="11">']
+    for k, (title, series) in enumerate(panels):
+        x0 = k * width
+        values = [v for _, _, pts, ref in series for v in [y for _, y in pts] + ([ref] if ref is not None else [])]
+        lo, hi = (min(values), max(values)) if values else (0.0, 1.0)
+        lo, hi = (lo - 0.5, hi + 0.5) if hi - lo < 1e-9 else (lo, hi)
+        cx = lambda c: x0 + pad + (c - 1) / max(max(cycles, default=1) - 1, 1) * (width - 2 * pad)
+        cy = lambda v: height - pad - (v - lo) / (hi - lo) * (height - 2 * pad)
+        out.append(f'<text x="{x0 + width / 2}" y="16" text-anchor="middle">{title}</text>')
+        out.append(f'<rect x="{x0 + pad}" y="{pad}" width="{width - 2 * pad}" height="{height - 2 * pad}" '
+                   'fill="none" stroke="#999"/>')
+        out.append(f'<text x="{x0 + pad - 4}" y="{pad + 4}" text-anchor="end">{hi:.3g}</text>')
+        out.append(f'<text x="{x0 + pad - 4}" y="{height - pad}" text-anchor="end">{lo:.3g}</text>')
+        out.append(f'<text x="{x0 + width / 2}" y="{height - 8}" text-anchor="middle">cycle</text>')
+        for j, (name, color, pts, ref) in enumerate(series):
+            if ref is not None:
+                out.append(f'<line x1="{x0 + pad}" x2="{x0 + width - pad}" y1="{cy(ref):.1f}" y2="{cy(ref):.1f}" '
+                           f'stroke="{color}" stroke-dasharray="4 3"/>')
+            if pts:
+                out.append(f'<polyline fill="none" stroke="{color}" stroke-width="2" points="'
+                           + " ".join(f"{cx(c):.1f},{cy(v):.1f}" for c, v in pts) + '"/>')
+            out.append(f'<text x="{x0 + pad + 6}" y="{pad + 14 + 13 * j}" fill="{color}">{name}'
+                       f'{" (dashed: base CTM)" if ref is not None else ""}</text>')
+    out.append("</svg>")
+    atomic_write_bytes("\n".join(out).encode(), path)
+# -----------------------------------------------------------------------------
+# experiments (milestones 5A, 8 and 9) and the optic nerve model offline (milestone 7)
+
+
+def experiment_arms(name: str, run: RunConfig) -> list[tuple[str, dict]]:
+    return {"filter": [("lenient", {"filter": "lenient"}), ("strict", {"filter": "strict"})],
+            "onm": [("onm-off", {"onm": False}), ("onm-on", {"onm": True})],
+            "cohort": [("cohort-1", {"cohort": 1}), (f"cohort-{run.cohort}", {"cohort": run.cohort})],
+            "loss": [("loss-sum", {"state_loss": "sum"}), ("loss-normalised", {"state_loss": "normalised"})]}[name]
+
+
+def experiment(name: str, cfg: CTMConfig, run: RunConfig, device: torch.device) -> dict:
+    """Two arms of the loop from the same pretrained base and empty buffers, each in
+    OUT_DIR/experiments/NAME/ARM (resumable like any loop); prints a table of the two."""
+    root = Path(run.out_dir)
+    weights = WeightManager(root, cfg)
+    if not weights.best_path.exists():
+        print(f"no best_model.pth in {root}: pretraining the base CTM first")
+        pretrain(cfg, run, device, resume=(root / "pretrain_ckpt.pt").exists())
+    results = {}
+    for arm, changes in experiment_arms(name, run):
+        arm_root = root / "experiments" / name / arm
+        if not (arm_root / "best_model.pth").exists():
+            (arm_root / "expert_pool").mkdir(parents=True, exist_ok=True)
+            for path in [weights.backbone_path, weights.best_path, *sorted(weights.pool_dir.glob("*.pth"))]:
+                shutil.copyfile(path, arm_root / path.relative_to(root))
+        print(f"experiment {name}, arm {arm}: {arm_root}")
+        results[arm] = MasterTrainer(cfg, dataclasses.replace(run, out_dir=str(arm_root), **changes), device).loop()
+    print(f"experiment {name}: {run.cycles} cycles per arm")
+    print(f"{'arm':16s} {'pairs/cycle':>11s} {'yield':>6s} {'score/pair best, first -> last':>30s} "
+          f"{'promoted':>8s} {'solve@budget':>12s} {'solve@conf':>10s} {'ticks':>6s}")
+    for arm, rows in results.items():
+        last = next((r for r in reversed(rows) if "solve_budget" in r), {})
+        scores = [r["score_best"] / r["val_pairs"] for r in rows if r["score_best"] is not None] or [float("nan")]
+        stored = sum(r["pairs"] for r in rows) / max(sum(r["candidates"] for r in rows), 1)
+        print(f"{arm:16s} {np.mean([r['pairs'] for r in rows]):11.0f} {stored:6.1%} "
+              f"{scores[0]:14.4f} -> {scores[-1]:12.4f} "
+              f"{sum(r['promoted'] for r in rows):4d}/{len(rows):<3d} {last.get('solve_budget', float('nan')):12.3f} "
+              f"{last.get('solve_confident', float('nan')):10.3f} {last.get('ticks_confident', float('nan')):6.1f}")
+    atomic_write_bytes(json.dumps(results, indent=1).encode(), root / "experiments" / name / "results.json")
+    return results
+
+
+def train_onm_offline(cfg: CTMConfig, run: RunConfig, device: torch.device) -> dict:
+    """Milestone 7: a fresh optic nerve model trained on OUT_DIR's stored pairs, with its held-out loss."""
+    root = Path(run.out_dir)
+    weights = WeightManager(root, cfg)
+    backbone = Backbone(cfg).to(device).eval()
+    weights.load_backbone(backbone)
+    buffer = DiskReplayBuffer(root, cfg, run.buffer_capacity, run.val_fraction)
+    print(f"optic nerve model on {buffer.counts('train')} train and {buffer.counts('val')} held-out pairs")
+    torch.manual_seed(run.seed)
+    onm = OpticNerveModel(cfg).to(device)
+    result = train_onm(onm, backbone, weights, buffer, run, device, seed=run.seed)
+    atomic_save({"config": dataclasses.asdict(cfg), "onm": onm.state_dict()}, root / "optic_nerve_model.pth")
+    if result["onm_val_before"] is None:
+        raise CTMError(f"{root}: no held-out pairs to measure the optic nerve model on (generate more data)")
+    print("held-out loss every tenth of training: " + " ".join(f"{v:.4f}" for v in result["onm_val_curve"]))
+    print(f"held-out loss {result['onm_val_before']:.4f} -> {result['onm_val_after']:.4f}; "
+          f"wrote {root / 'optic_nerve_model.pth'}")
+    return result
+
 
 # -----------------------------------------------------------------------------
 # --debug-step: the seed's milestone 1
@@ -1438,7 +2080,7 @@ def debug_step(cfg: CTMConfig, run: RunConfig, device: torch.device) -> bool:
     weights = WeightManager(root, cfg)
     weights.save_backbone(ctm.backbone)
     weights.save_pool(ctm.unit, "random-0")
-    buffer = DiskReplayBuffer(root, cfg, run.buffer_capacity)
+    buffer = DiskReplayBuffer(root, cfg, run.buffer_capacity, run.val_fraction)
     ids = train_ids(np.random.default_rng(run.seed), 2)
     x, _ = task_batch(cfg, ids, device)
     with torch.no_grad():
@@ -1451,7 +2093,7 @@ def debug_step(cfg: CTMConfig, run: RunConfig, device: torch.device) -> bool:
     first = lambda s: s.map(lambda v: v[:1].cpu())
     pair = PairBatch(first(states[t]), first(states[t + 2]), ["random-0"], ids[:1], torch.tensor([t]))
     buffer.save_pair(pair, "expert")
-    loaded = buffer.load_batch(1, q=1.0)
+    loaded = buffer.load_batch(1, q=1.0, split="val" if buffer.is_validation(ids[:1]) else "train")
     same = all(a.shape == b.shape and a.dtype == b.dtype and torch.equal(a, b)
                for side in ("before", "after")
                for a, b in zip(getattr(pair, side).tensors().values(), getattr(loaded, side).tensors().values()))
@@ -1504,7 +2146,7 @@ def peak_memory_probe(cfg: CTMConfig, run: RunConfig, root: str, how: str, chunk
     device = pick_device(run.device)
     with tempfile.TemporaryDirectory(prefix="ctm_probe_") as tmp:
         gen = DataGenerator(cfg, run, device, WeightManager(Path(root), cfg),
-                            DiskReplayBuffer(Path(tmp), cfg, run.buffer_capacity))
+                            DiskReplayBuffer(Path(tmp), cfg, run.buffer_capacity, run.val_fraction))
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
             base = torch.cuda.memory_allocated(device)
@@ -1546,7 +2188,7 @@ def bench(cfg: CTMConfig, run: RunConfig, device: torch.device, repeat: int) -> 
               f"{run.io_threads} writer(s), {cfg.task} D={cfg.d_model}, device {device}")
         for k in range(repeat):
             for how, n in speed_modes:
-                buffer = DiskReplayBuffer(Path(tmp) / f"{how}-{n}-{k}", cfg, run.buffer_capacity)
+                buffer = DiskReplayBuffer(Path(tmp) / f"{how}-{n}-{k}", cfg, run.buffer_capacity, run.val_fraction)
                 gen = DataGenerator(cfg, dataclasses.replace(run, threads=n), device, weights, buffer)
                 t0 = time.perf_counter()
                 stats = getattr(gen, f"run_{how}")(run.gen_batches, progress=False)
@@ -1706,20 +2348,28 @@ The model flags are fixed once an out-dir holds weights: later runs read them fr
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        description="CTM self-play: a Continuous Thought Machine trained as a two-tick state improver.",
+        description="CTM self-play: a Continuous Thought Machine trained as a two-tick state improver. With no "
+                    "mode flag, runs the self-improvement loop (pretraining the base CTM first if OUT_DIR has "
+                    "none): by default a small maze experiment, about 10 minutes on a CPU.",
         epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
-    modes = parser.add_argument_group("modes").add_mutually_exclusive_group()
+    modes = parser.add_argument_group("modes (default: the loop)").add_mutually_exclusive_group()
     modes.add_argument("--pretrain", action="store_true", help="standard CTM training: writes the backbone, "
                        "expert_pool/ and best_model.pth")
     modes.add_argument("--generate", action="store_true", help="one data-generation phase into the replay "
                        "buffers, with yield statistics")
+    modes.add_argument("--train-onm-offline", action="store_true", help="milestone 7: train a fresh optic nerve "
+                       "model on the stored pairs and report its held-out loss")
+    modes.add_argument("--experiment", choices=("filter", "onm", "cohort", "loss"), help="two arms of the loop "
+                       "from the same base: strict vs lenient filter, optic nerve model off vs on, cohort 1 vs "
+                       "--cohort, sum vs normalised state loss; prints a table")
     modes.add_argument("--debug-step", action="store_true", help="milestone 1: a random model's pair saved, "
                        "reloaded and trained on, each check printed")
     modes.add_argument("--bench", action="store_true", help="pipeline vs serial loop, streaming vs whole "
                        "trajectory (time and peak memory)")
     modes.add_argument("--bench-reference", metavar="DIR", help="training iterations/s of this CTM against the "
                        "reference CTM imported from DIR (a checkout of SakanaAI/continuous-thought-machines)")
-    parser.add_argument("--resume", action="store_true", help="with --pretrain: continue OUT_DIR/pretrain_ckpt.pt")
+    parser.add_argument("--resume", action="store_true", help="with --pretrain: continue OUT_DIR/pretrain_ckpt.pt "
+                        "(the loop always continues where it stopped)")
     parser.add_argument("--bench-iters", type=int, default=30, help="timed iterations per model in "
                         "--bench-reference (default: 30)")
     parser.add_argument("--bench-repeat", type=int, default=2, help="runs of each --bench mode; the best "
@@ -1759,21 +2409,22 @@ def writable_dir(root: Path) -> None:
 def main(argv: list[str] | None = None) -> None:
     parser = build_parser()
     args = parser.parse_args(argv)
-    if not (args.pretrain or args.generate or args.debug_step or args.bench or args.bench_reference):
-        parser.error("choose a mode: --pretrain, --generate, --debug-step, --bench or --bench-reference")
     if args.resume and not args.pretrain:
         parser.error("--resume goes with --pretrain")
     if args.bench_iters < 1 or args.bench_repeat < 1:
         parser.error("--bench-iters and --bench-repeat must be >= 1")
     try:
-        run = RunConfig(**given_flags(args, RunConfig))
-        root = Path(run.out_dir)
         explicit = given_flags(args, CTMConfig)
+        task = explicit.get("task", CTMConfig.task)
+        run = RunConfig(**given_flags(args, RunConfig))
+        root = Path(run.out_dir or f"runs/ctm-{task}")
         cfg = CTMConfig(**explicit) if args.bench_reference else resolve_model_config(explicit, root)
         cfg.check()
         if args.resume:                                # the checkpoint's settings, then the flags given now
             saved = WeightManager(root, cfg).checked(root / "pretrain_ckpt.pt").get("run", {})
-            run = RunConfig(**{**saved, **given_flags(args, RunConfig)})
+            known = {f.name for f in dataclasses.fields(RunConfig)}
+            run = RunConfig(**{**{k: v for k, v in saved.items() if k in known}, **given_flags(args, RunConfig)})
+        run = dataclasses.replace(run, out_dir=str(root), iters=run.iters or DEFAULT_ITERS[cfg.task])
         run.check()
         device = pick_device(run.device)
         if run.threads:
@@ -1790,8 +2441,15 @@ def main(argv: list[str] | None = None) -> None:
                 pretrain(cfg, run, device, args.resume)
             elif args.generate:
                 generate(cfg, run, device)
-            elif not debug_step(cfg, run, device):
-                raise SystemExit(1)
+            elif args.train_onm_offline:
+                train_onm_offline(cfg, run, device)
+            elif args.experiment:
+                experiment(args.experiment, cfg, run, device)
+            elif args.debug_step:
+                if not debug_step(cfg, run, device):
+                    raise SystemExit(1)
+            else:
+                MasterTrainer(cfg, run, device).loop()
     except (CTMError, ValueError, OSError) as exc:
         raise SystemExit(f"ctm_master: error: {exc}") from None
 

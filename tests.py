@@ -12,6 +12,7 @@ import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 import tracemalloc
 import uuid
@@ -1691,8 +1692,8 @@ def test_ag_db_cli_seed_then_train_from_postgres(ag_schema, tmp_path):
 # ======================================================================================
 # ctm_master.py
 
-CTM_TINY = dict(d_model=32, d_input=16, heads=2, n_synch_out=8, n_synch_action=6, memory_length=4, nlm_hidden=4,
-                ticks=6, parity_len=6, maze_size=3, maze_route_len=8, maze_width=8)
+CTM_TINY = dict(task="parity", d_model=32, d_input=16, heads=2, n_synch_out=8, n_synch_action=6, memory_length=4,
+                nlm_hidden=4, ticks=6, parity_len=6, maze_size=3, maze_route_len=8, maze_width=8)
 
 
 def _ctm_cfg(**overrides) -> "ctm.CTMConfig":
@@ -1867,53 +1868,100 @@ def _ctm_pairs(cfg, n, weight_id="w", seed=0):
                          torch.randint(0, 100, (n,), generator=g))
 
 
-def test_ctm_replay_buffer_round_trip_fifo_and_mixing(tmp_path):
+def test_ctm_replay_buffer_round_trip_fifo_mixing_and_held_out_split(tmp_path):
     cfg = _ctm_cfg()
-    buffer = ctm.DiskReplayBuffer(tmp_path, cfg, capacity=25)
-    pairs = _ctm_pairs(cfg, 10, "best-3")
+    buffer = ctm.DiskReplayBuffer(tmp_path, cfg, capacity=60, val_fraction=0.3)
+    pairs = _ctm_pairs(cfg, 40, "best-3")
+    held_out = buffer.is_validation(pairs.data_ids)
+    assert 0 < held_out.sum() < 40
     buffer.save_pair(pairs, "self_play")
-    loaded = buffer.load_batch(10, q=0.0, rng=np.random.default_rng(0))
-    order = torch.argsort(loaded.data_ids)
-    want = torch.argsort(pairs.data_ids)
-    for side in ("before", "after"):
-        for name in ctm.State.FIELDS:
-            got, exp = getattr(getattr(loaded, side), name)[order], getattr(getattr(pairs, side), name)[want]
-            assert got.dtype == exp.dtype and torch.equal(got, exp), (side, name)
-    assert torch.equal(loaded.ticks[order], pairs.ticks[want]) and loaded.weight_ids == ["best-3"] * 10
-    for i in range(3):                                           # 30 more pairs: the oldest files go first
-        buffer.save_pair([_ctm_pairs(cfg, 4, f"e{i}", seed=i + 1), _ctm_pairs(cfg, 6, f"e{i}", seed=i + 9)], "expert")
-    assert buffer.counts() == {"expert": 20, "self_play": 10}
-    assert sorted(p.name.split("-")[2] for p in (tmp_path / "expert_replay_buffer").iterdir()) == ["e1.pairs", "e2.pairs"]
-    reopened = ctm.DiskReplayBuffer(tmp_path, cfg, capacity=25)
-    assert reopened.counts() == {"expert": 20, "self_play": 10}
+    assert buffer.counts("val") == {"expert": 0, "self_play": int(held_out.sum())}
+    for split, mask in (("train", ~held_out), ("val", held_out)):
+        want = pairs.take(mask)
+        loaded = buffer.load_batch(len(want), q=0.0, rng=np.random.default_rng(0), split=split)
+        order, expect = torch.argsort(loaded.data_ids), torch.argsort(want.data_ids)
+        for side in ("before", "after"):
+            for name in ctm.State.FIELDS:
+                got, exp = getattr(getattr(loaded, side), name)[order], getattr(getattr(want, side), name)[expect]
+                assert got.dtype == exp.dtype and torch.equal(got, exp), (split, side, name)
+        assert torch.equal(loaded.ticks[order], want.ticks[expect]) and set(loaded.weight_ids) == {"best-3"}
+    for i in range(4):                                # 80 pairs into a buffer of 60: the oldest files go first
+        buffer.save_pair([_ctm_pairs(cfg, 8, f"e{i}", seed=i + 1), _ctm_pairs(cfg, 12, f"e{i}", seed=i + 9)], "expert")
+    counts = buffer.counts()
+    assert counts == {"expert": 60, "self_play": 40}
+    names = {p.name.split("-")[3] for p in (tmp_path / "expert_replay_buffer").iterdir()}
+    assert names == {"e1.pairs", "e2.pairs", "e3.pairs"}
+    reopened = ctm.DiskReplayBuffer(tmp_path, cfg, capacity=60, val_fraction=0.3)
+    assert reopened.counts() == counts and reopened.counts("train")["expert"] + reopened.counts("val")["expert"] == counts["expert"]
+    train = reopened.counts("train")
     mixed = reopened.load_batch(10, q=0.3, rng=np.random.default_rng(1))
-    assert sorted(mixed.weight_ids).count("best-3") == 7 and len(set(mixed.data_ids.tolist())) == 10
-    short = reopened.load_batch(16, q=0.0, rng=np.random.default_rng(2))   # self-play runs short: expert fills
-    assert len(short) == 16 and short.weight_ids.count("best-3") == 10
-    with pytest.raises(ctm.CTMError, match="no pairs"):
+    n_self = min(7, train["self_play"])
+    assert mixed.weight_ids.count("best-3") == n_self and len(set(mixed.data_ids.tolist())) == 10
+    assert not reopened.is_validation(mixed.data_ids).any()
+    short = reopened.load_batch(train["self_play"] + 6, q=0.0, rng=np.random.default_rng(2))   # expert fills in
+    assert len(short) == train["self_play"] + 6 and short.weight_ids.count("best-3") == train["self_play"]
+    with pytest.raises(ctm.CTMError, match="no train pairs"):
         ctm.DiskReplayBuffer(tmp_path / "empty", cfg, 10).load_batch(4)
 
 
 def test_ctm_replay_buffer_skips_cut_garbage_and_foreign_files(tmp_path):
     cfg = _ctm_cfg()
-    buffer = ctm.DiskReplayBuffer(tmp_path, cfg, capacity=1000)
+    buffer = ctm.DiskReplayBuffer(tmp_path, cfg, capacity=1000, val_fraction=0.001)
     for i in range(4):
-        buffer.save_pair(_ctm_pairs(cfg, 5, f"w{i}", seed=i), "expert")
+        buffer.save_pair(_ctm_pairs(cfg, 5, f"w{i}", seed=i).take(torch.arange(5)), "expert")
     folder = tmp_path / "expert_replay_buffer"
-    files = sorted(folder.iterdir())
+    files = sorted(p for p in folder.iterdir() if "-train-" in p.name)
+    assert len(files) == 4
     data = files[0].read_bytes()
-    files[0].write_bytes(data[: len(data) // 2])                # cut short
-    files[1].write_bytes(b"\x00" * 300)                          # garbage
-    (folder / "000000099-5-foreign.pairs").write_bytes(
+    files[0].write_bytes(data[:-1])                             # one byte short
+    files[1].write_bytes(b"\x00" * 300)                         # garbage
+    (folder / "000000099-5-train-foreign.pairs").write_bytes(
         _ctm_pair_file_bytes(_ctm_pairs(_ctm_cfg(d_model=16), 5)))   # another config's shapes
-    (folder / ".000000100-5-w.pairs.abc.tmp").write_bytes(data)   # a write killed before its rename
-    buffer = ctm.DiskReplayBuffer(tmp_path, cfg, capacity=1000)
+    (folder / ".000000100-5-train-w.pairs.abc.tmp").write_bytes(data)   # a write killed before its rename
+    buffer = ctm.DiskReplayBuffer(tmp_path, cfg, capacity=1000, val_fraction=0.001)
     assert not list(folder.glob(".*.tmp"))
     with pytest.warns(UserWarning, match="skipped"):
         got = buffer.load_batch(25, q=1.0, rng=np.random.default_rng(0))
-    assert sorted(set(got.weight_ids)) == ["w2", "w3"] and len(got) == 10
+    assert len(got) == buffer.counts("train")["expert"] and set(got.weight_ids) <= {"w2", "w3"}
     assert len(list(folder.glob("*.corrupt"))) == 3
-    assert buffer.counts()["expert"] == 10
+
+
+@pytest.mark.parametrize("tamper", ["dtype", "drop_key", "weight_id", "length", "trailing"])
+def test_ctm_a_tampered_pair_file_is_skipped_never_loaded(tmp_path, tamper):
+    cfg = _ctm_cfg()
+    buffer = ctm.DiskReplayBuffer(tmp_path, cfg, capacity=1000, val_fraction=0.001)
+    for i in range(2):
+        buffer.save_pair(_ctm_pairs(cfg, 5, f"w{i}", seed=i).take(torch.arange(5)), "expert")
+    path = sorted((tmp_path / "expert_replay_buffer").glob("*-w0.pairs"))[0]
+    data = bytearray(path.read_bytes())
+    if tamper == "dtype":                                        # object pointers would crash numpy
+        data = data.replace(b'"<f4"', b'"|O8"', 1)
+    elif tamper == "drop_key":
+        data = data.replace(b'"ticks"', b'"tickz"', 1)
+    elif tamper == "weight_id":
+        data = data.replace(b'"w0"', b'"w9"', 1)
+    elif tamper == "length":
+        data[8:16] = (2**62).to_bytes(8, "little")
+    else:
+        data += b"\x00"
+    path.write_bytes(bytes(data))
+    buffer = ctm.DiskReplayBuffer(tmp_path, cfg, capacity=1000, val_fraction=0.001)
+    with pytest.warns(UserWarning, match="malformed"):
+        got = buffer.load_batch(10, q=1.0, rng=np.random.default_rng(0))
+    assert set(got.weight_ids) == {"w1"} and len(got) == 5
+    assert path.with_name(path.name + ".corrupt").exists()
+
+
+def test_ctm_load_batch_refills_from_the_other_buffer_when_a_file_is_bad(tmp_path):
+    cfg = _ctm_cfg()
+    buffer = ctm.DiskReplayBuffer(tmp_path, cfg, capacity=1000, val_fraction=0.001)
+    buffer.save_pair(_ctm_pairs(cfg, 8, "e", seed=1).take(torch.arange(8)), "expert")
+    buffer.save_pair(_ctm_pairs(cfg, 30, "s", seed=2).take(torch.arange(30)), "self_play")
+    bad = next((tmp_path / "expert_replay_buffer").glob("*-train-e.pairs"))
+    bad.write_bytes(bad.read_bytes()[:-7])
+    with pytest.warns(UserWarning):
+        got = buffer.load_batch(10, q=0.5, rng=np.random.default_rng(0))
+    assert len(got) == 10 and set(got.weight_ids) == {"s"} and len(set(got.data_ids.tolist())) == 10
 
 
 def _ctm_pair_file_bytes(pairs) -> bytes:
@@ -1974,17 +2022,22 @@ def _ctm_weights(tmp_path, cfg, run):
 
 
 @pytest.mark.parametrize("workers,io_threads", [(1, 1), (3, 2)])
-def test_ctm_threaded_pipeline_writes_exactly_what_the_serial_loop_writes(tmp_path, workers, io_threads, one_thread):
+def test_ctm_threaded_pipeline_writes_exactly_what_the_serial_loop_writes(tmp_path, workers, io_threads, monkeypatch,
+                                                                          one_thread):
     cfg = _ctm_cfg()
-    run = _ctm_run(tmp_path, workers=workers, io_threads=io_threads, queue_size=1, pool_random=2)
+    run = _ctm_run(tmp_path, workers=workers, io_threads=io_threads, queue_size=1, pool_random=2, val_fraction=0.001,
+                   gen_batch_size=12, gen_ticks=40)
     weights = _ctm_weights(tmp_path, cfg, run)
+    monkeypatch.setattr(ctm.DataGenerator, "FLUSH_PAIRS", 1)      # a file per chunk slice: many writes
     found = {}
     for mode in ("serial", "threaded"):
-        buffer = ctm.DiskReplayBuffer(tmp_path / mode, cfg, 10**6)
-        stats = getattr(ctm.DataGenerator(cfg, run, torch.device("cpu"), weights, buffer), f"run_{mode}")(3, progress=False)
+        buffer = ctm.DiskReplayBuffer(tmp_path / mode, cfg, 10**6, val_fraction=0.001)
+        stats = getattr(ctm.DataGenerator(cfg, run, torch.device("cpu"), weights, buffer), f"run_{mode}")(12, progress=False)
         stored = sum(buffer.counts().values())
-        assert stats.produced == stats.written == stored == stats.kept["lenient"] > 0
-        pairs = buffer.load_batch(stored, q=1.0, rng=np.random.default_rng(0))
+        assert stats.produced == stats.written == stored == stats.kept["lenient"] > 20
+        assert len(list((tmp_path / mode).glob("*_replay_buffer/*.pairs"))) >= 10
+        pairs = buffer.load_batch(stored, q=1.0, rng=np.random.default_rng(0), split="train")
+        assert len(pairs) == stored
         found[mode] = {(d, t, w): pairs.after.z[i].sum().item() for i, (d, t, w) in
                        enumerate(zip(pairs.data_ids.tolist(), pairs.ticks.tolist(), pairs.weight_ids))}
     assert found["serial"] == found["threaded"]
@@ -2033,11 +2086,19 @@ def test_ctm_a_failing_thread_stops_the_pipeline_with_its_error(tmp_path, monkey
                             lambda self, pairs, kind: (_ for _ in ()).throw(OSError("planted disk failure")))
         error = OSError
     gen = ctm.DataGenerator(cfg, run, torch.device("cpu"), weights, ctm.DiskReplayBuffer(tmp_path, cfg, 10**6))
-    t0 = time.time()
-    with pytest.raises(error, match="planted"):
-        gen.run_threaded(20, progress=False)
-    assert time.time() - t0 < 60
-    assert not [t.name for t in __import__("threading").enumerate() if t.name.startswith(("filter-", "writer-"))]
+    raised = []
+
+    def target():
+        try:
+            gen.run_threaded(20, progress=False)
+        except BaseException as exc:
+            raised.append(exc)
+    runner = threading.Thread(target=target, daemon=True)
+    runner.start()
+    runner.join(60)
+    assert not runner.is_alive(), "the pipeline hangs after a thread failed"
+    assert len(raised) == 1 and isinstance(raised[0], error) and "planted" in str(raised[0])
+    assert not [t.name for t in threading.enumerate() if t.name.startswith(("filter-", "writer-"))]
 
 
 def test_ctm_quantile_clip_clips_each_gradient_at_its_own_history_quantile():
@@ -2121,7 +2182,9 @@ def test_ctm_generate_cli_reports_yield_and_fills_the_buffer(tmp_path, capsys, o
     (["--generate", "--task", "sudoku"], "invalid choice"),
     (["--generate", "--heads", "3"], "multiple of --heads"),
     (["--generate", "--p-best", "1.5"], "--p-best"),
-    ([], "choose a mode"),
+    (["--generate", "--weight-noise", "nan"], "--weight-noise must be >= 0"),
+    (["--generate", "--task", "maze", "--maze-size", "1"], "--maze-size must be >= 2"),
+    (["--confidence", "2"], "--confidence must be in [0, 1]"),
     (["--generate", "--resume"], "--resume goes with --pretrain"),
 ])
 def test_ctm_bad_flags_are_one_error_line(tmp_path, capsys, flags, expect):
@@ -2159,3 +2222,114 @@ def test_ctm_bench_compares_pipeline_and_streaming_in_one_run(tmp_path, capsys, 
     ctm.main(_ctm_argv(tmp_path, "--bench", "--bench-repeat", "1"))
     out = capsys.readouterr().out
     assert "threaded / serial" in out and "same pairs: True" in out and "peak memory" in out
+
+
+CTM_LOOP = ["--cycles", "2", "--cohort", "2", "--train-steps", "8", "--train-batch", "16", "--val-pairs", "64",
+            "--task-samples", "32", "--task-budget", "8", "--tick-cap", "12", "--iters", "30", "--eval-every", "15",
+            "--val-fraction", "0.5", "--gen-batches", "4", "--gen-batch-size", "8", "--p-best", "0.3",
+            "--onm-steps", "10"]
+
+
+def test_ctm_loop_runs_two_cycles_end_to_end_with_the_files_where_the_seed_puts_them(tmp_path, capsys, one_thread):
+    ctm.main(_ctm_argv(tmp_path, *CTM_LOOP, "--onm"))
+    out = capsys.readouterr().out
+    assert "base CTM pretrain-it30" in out and "promotions:" in out
+    for name in ("backbone.pth", "best_model.pth", "optic_nerve_model.pth", "cycles.svg", "master_state.json"):
+        assert (tmp_path / name).is_file(), name
+    assert not (tmp_path / "challenger_cohort").exists()          # cleared after each tournament
+    assert {"random-0.pth", "random-1.pth"} <= {p.name for p in (tmp_path / "expert_pool").iterdir()}
+    buffer = ctm.DiskReplayBuffer(tmp_path, _ctm_cfg(), 10**6)
+    assert buffer.counts()["expert"] > 0 and sum(buffer.counts("val").values()) > 0
+    rows = [json.loads(line) for line in (tmp_path / "cycles.jsonl").read_text().splitlines()]
+    assert [r["cycle"] for r in rows] == [1, 2]
+    for r in rows:
+        assert r["pairs"] > 0 and r["score_best"] is not None and len(r["score_challengers"]) == 2
+        assert math.isfinite(r["loss_last"]) and r["onm_val_after"] is not None
+    assert "solve_confident" in rows[-1] and 0 < rows[-1]["ticks_confident"] <= 12
+    assert [v for r in rows for v in (r["p"], r["q"])] == pytest.approx([0.3, 0.8, 0.8, 0.2])
+    state = json.loads((tmp_path / "master_state.json").read_text())
+    assert state["cycle"] == 2 and len(state["history"]) == 2
+    assert ctm.WeightManager(tmp_path, _ctm_cfg()).best_id() == rows[-1]["best"]
+    ctm.main(_ctm_argv(tmp_path, *CTM_LOOP, "--onm"))                 # a finished loop only reports
+    assert len((tmp_path / "cycles.jsonl").read_text().splitlines()) == 2
+
+
+def _ctm_all_zero_parity_ids(cfg, buffer, n):
+    """Held-out data IDs whose parity targets are all 0 (every input +1)."""
+    ids = [i for i in range(200_000) if (ctm.parity_sample(cfg, i)[0] == 1).all()]
+    ids = torch.tensor(ids)
+    return ids[buffer.is_validation(ids)][:n]
+
+
+def test_ctm_tournament_promotes_a_planted_better_challenger_and_not_a_worse_one(tmp_path, one_thread):
+    cfg = _ctm_cfg(parity_len=4)
+    run = _ctm_run(tmp_path, val_pairs=64, cycles=3)
+    weights = ctm.WeightManager(tmp_path, cfg)
+    ctm.ensure_weights(weights, run)
+    torch.manual_seed(3)
+    best = ctm.ThinkingUnit(cfg)
+    weights.save_best(best, "base")
+    trainer = ctm.MasterTrainer(cfg, run, torch.device("cpu"))
+    trainer.weights.load_backbone(trainer.backbone)
+    ids = _ctm_all_zero_parity_ids(cfg, trainer.buffer, 24)
+    assert len(ids) == 24
+    with torch.no_grad():                                           # real states of the best on those inputs
+        kv, _ = ctm.rebuild_inputs(trainer.backbone, cfg, ids, torch.device("cpu"))
+        states = list(best.run(best.start_state(len(ids), learned=True), kv, 6))
+    trainer.buffer.save_pair(ctm.PairBatch(states[2], states[4], ["base"] * len(ids), ids,
+                                           torch.full((len(ids),), 3)), "self_play")
+
+    def planted(logit):                                              # every position answers "0" (or "1")
+        unit = ctm.ThinkingUnit(cfg)
+        unit.load_state_dict(best.state_dict())
+        with torch.no_grad():
+            unit.readout.weight.zero_()
+            unit.readout.bias.copy_(torch.tensor([logit, -logit] * cfg.parity_len))
+        return unit
+
+    weights.save_challenger(planted(-4.0), 0, "worse")
+    weights.save_challenger(planted(4.0), 1, "better")
+    record = trainer.phase_evaluate(0)
+    assert record["promoted"] and record["best"] == "better" and weights.best_id() == "better"
+    assert record["score_challengers"][1] > record["score_best"] > record["score_challengers"][0]
+    assert "base" in weights.pool_ids()                             # the dethroned best is archived
+    assert not weights.cohort_dir.exists()
+    weights.save_challenger(planted(-4.0), 0, "worse-again")
+    record = trainer.phase_evaluate(1)
+    assert not record["promoted"] and weights.best_id() == "better"
+    assert record["score_challengers"][0] < record["score_best"]
+
+
+def test_ctm_loop_killed_mid_cycle_resumes_and_loses_no_stored_pair(tmp_path):
+    argv = [sys.executable, os.path.join(HERE, "ctm_master.py"), *_ctm_argv(tmp_path, *CTM_LOOP, "--threads", "1",
+                                                                            "--train-steps", "400")]
+    proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    cohort = tmp_path / "challenger_cohort"
+    deadline = time.time() + 300
+    while not (cohort / "challenger_0.pth").exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.02)
+    assert proc.poll() is None, "the loop ended before the kill"
+    proc.send_signal(signal.SIGKILL)                                 # mid-training of cycle 1's cohort
+    proc.wait()
+    pairs_before = {p.name for p in tmp_path.glob("*_replay_buffer/*.pairs")}
+    state = json.loads((tmp_path / "master_state.json").read_text())
+    assert state["cycle"] == 0 and state["phase"] == "train" and pairs_before
+    done = subprocess.run(argv[:-2] + ["--train-steps", "8"], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert pairs_before <= {p.name for p in tmp_path.glob("*_replay_buffer/*.pairs")}
+    state = json.loads((tmp_path / "master_state.json").read_text())
+    assert state["cycle"] == 2 and [r["cycle"] for r in state["history"]] == [1, 2]
+    assert not list(tmp_path.rglob("*.tmp")) and not list(tmp_path.rglob("*.corrupt"))
+
+
+def test_ctm_optic_nerve_model_offline_training_lowers_its_held_out_loss(tmp_path, capsys, one_thread):
+    flags = ("--parity-len", "4", "--val-fraction", "0.3", "--gen-ticks", "30", "--gen-batch-size", "12")
+    ctm.main(_ctm_argv(tmp_path, "--pretrain", *flags, "--iters", "150", "--lr", "3e-3", "--warmup", "10",
+                       "--batch-size", "16"))
+    ctm.main(_ctm_argv(tmp_path, "--generate", *flags, "--gen-batches", "6"))
+    capsys.readouterr()
+    ctm.main(_ctm_argv(tmp_path, "--train-onm-offline", *flags, "--onm-steps", "200"))
+    out = capsys.readouterr().out
+    before, after = map(float, re.search(r"held-out loss ([\d.]+) -> ([\d.]+)", out).groups())
+    assert after < 0.3 * before
+    assert (tmp_path / "optic_nerve_model.pth").is_file()
