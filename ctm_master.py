@@ -1849,9 +1849,13 @@ class MasterTrainer:
         q = anneal(run.q_start, run.q_end, cycle, run.cycles)
         best_id = self.weights.best_id()
         if self.onm is not None:
-            record.update(train_onm(self.onm, self.backbone, self.weights, self.buffer, run, self.device,
-                                    seed=run.seed + cycle))
-            atomic_save({"config": dataclasses.asdict(self.cfg), "onm": self.onm.state_dict()}, self.onm_path)
+            done = self.state.get("onm_done")                 # trained in this cycle before a restart
+            if done is None or done["cycle"] != cycle + 1:
+                done = {"cycle": cycle + 1, **train_onm(self.onm, self.backbone, self.weights, self.buffer, run,
+                                                        self.device, seed=run.seed + cycle)}
+                atomic_save({"config": dataclasses.asdict(self.cfg), "onm": self.onm.state_dict()}, self.onm_path)
+                self.save_state(onm_done=done)
+            record.update({k: v for k, v in done.items() if k != "cycle"})
         losses = []
         for i in range(run.cohort):
             weight_id = f"cycle{cycle + 1}-challenger{i}"
@@ -1868,38 +1872,50 @@ class MasterTrainer:
         return {"q": q, **record}
 
     def phase_evaluate(self, cycle: int) -> dict:
-        """Score best_model.pth and every challenger on the same held-out pairs; promote the highest (the
-        dethroned best is archived in expert_pool/), clear the cohort; every --task-every cycles, measure the
-        best on the task."""
+        """Score best_model.pth and this cycle's challengers on the same held-out pairs; promote the highest
+        (the dethroned best is archived in expert_pool/ first), clear the cohort; every --task-every cycles,
+        measure the best on the task. The verdict is saved before it is carried out, so a restart finishes
+        the same promotion instead of judging again."""
         run = self.run
-        best_id = self.weights.best_id()
-        entrants = [best_id] + [self.weights.checked(p, "weight_id", "unit")["weight_id"]
-                                for p in sorted(self.weights.cohort_dir.glob("challenger_*.pth"))]
-        val, scores, winner = [], {}, best_id
-        if sum(self.buffer.counts("val").values()):
-            val = self.buffer.load_batch(run.val_pairs, 0.5, np.random.default_rng(run.seed + cycle), split="val")
-            scores = {w: improvement_score(self.unit(w), self.backbone, val, self.device)["score"] for w in entrants}
-            winner = max(entrants, key=lambda w: (scores[w], w == best_id))      # a tie keeps the best
-        if winner != best_id:
-            if best_id not in self.weights.pool_ids():
-                self.weights.save_pool(self.unit(best_id), best_id)
-            self.weights.save_best(self.unit(winner), winner)
+        verdict = self.state.get("verdict")
+        if verdict is None or verdict["cycle"] != cycle + 1:
+            verdict = {"cycle": cycle + 1, **self.judge(cycle)}
+            self.save_state(verdict=verdict)
+        winner, dethroned = verdict["best"], verdict["dethroned"]
+        if winner != dethroned:
+            if dethroned not in self.weights.pool_ids():
+                self.weights.save_pool(self.unit(dethroned), dethroned)
+            if self.weights.best_id() != winner:
+                self.weights.save_best(self.unit(winner), winner)
         shutil.rmtree(self.weights.cohort_dir, ignore_errors=True)
-        record = {"val_pairs": len(val), "score_best": scores.get(best_id),
-                  "score_challengers": [scores[w] for w in entrants[1:] if w in scores],
-                  "promoted": winner != best_id, "best": winner,
-                  "score_per_pair": scores[best_id] / len(val) if scores else None}
-        if scores:
-            tqdm.write(f"cycle {cycle + 1}: StateImprovementScore best {scores[best_id]:.2f}, challengers "
-                       f"{', '.join(f'{scores[w]:.2f}' for w in entrants[1:])} -> "
-                       f"{'promoted ' + winner if winner != best_id else 'best kept'}")
-        else:                                                # too few pairs so far to hold any out
-            tqdm.write(f"cycle {cycle + 1}: no held-out pairs yet, so no tournament: the best is kept")
+        record = {k: v for k, v in verdict.items() if k not in ("cycle", "dethroned")}
         if (cycle + 1) % run.task_every == 0 or cycle + 1 == run.cycles:
             record.update(task_performance(self.unit(winner), self.backbone, run, self.device, self.onm))
             tqdm.write(f"cycle {cycle + 1}: solve rate {record['solve_budget']:.3f} at {run.task_budget} ticks, "
                        f"{record['solve_confident']:.3f} until confident ({record['ticks_confident']:.1f} ticks)")
         return record
+
+    def judge(self, cycle: int) -> dict:
+        """The tournament: StateImprovementScore of the best and of each of this cycle's challengers on the
+        same held-out pairs (drawn with a seed of the cycle); the highest wins, a tie keeps the best."""
+        run = self.run
+        best_id = self.weights.best_id()
+        entrants = [best_id] + [w for p in sorted(self.weights.cohort_dir.glob("challenger_*.pth"))
+                                if (w := self.weights.checked(p, "weight_id", "unit")["weight_id"]).startswith(
+                                    f"cycle{cycle + 1}-")]
+        if not sum(self.buffer.counts("val").values()):        # too few pairs so far to hold any out
+            tqdm.write(f"cycle {cycle + 1}: no held-out pairs yet, so no tournament: the best is kept")
+            return {"val_pairs": 0, "score_best": None, "score_challengers": [], "promoted": False,
+                    "best": best_id, "dethroned": best_id, "score_per_pair": None}
+        val = self.buffer.load_batch(run.val_pairs, 0.5, np.random.default_rng(run.seed + cycle), split="val")
+        scores = {w: improvement_score(self.unit(w), self.backbone, val, self.device)["score"] for w in entrants}
+        winner = max(entrants, key=lambda w: (scores[w], w == best_id))
+        tqdm.write(f"cycle {cycle + 1}: StateImprovementScore best {scores[best_id]:.2f}, challengers "
+                   f"{', '.join(f'{scores[w]:.2f}' for w in entrants[1:])} -> "
+                   f"{'promoted ' + winner if winner != best_id else 'best kept'}")
+        return {"val_pairs": len(val), "score_best": scores[best_id], "score_challengers": [scores[w] for w in entrants[1:]],
+                "promoted": winner != best_id, "best": winner, "dethroned": best_id,
+                "score_per_pair": scores[best_id] / len(val)}
 
     # the optic nerve model, logs, the report
     @property
@@ -1922,7 +1938,11 @@ class MasterTrainer:
         self.tensorboard = SummaryWriter(str(self.root / "tensorboard"))
 
     def log_cycle(self, record: dict) -> None:
-        with MetricsLogger(self.root / "cycles.jsonl") as log:
+        path = self.root / "cycles.jsonl"
+        lines = path.read_text().splitlines() if path.exists() else []
+        if lines and json.loads(lines[-1]).get("cycle") == record["cycle"]:
+            return                                           # logged before a kill, just before the state save
+        with MetricsLogger(path) as log:
             log.log(**record)
         if self.tensorboard is not None:
             for key, value in record.items():
@@ -2107,7 +2127,8 @@ def debug_step(cfg: CTMConfig, run: RunConfig, device: torch.device) -> bool:
     with torch.no_grad():
         kv_again, _ = ctm.backbone(task_batch(cfg, loaded.data_ids, device)[0])
         again = ctm.unit(before, kv_again)
-    check("kv recomputed from the data ID", torch.equal(kv_again, kv[:1]))
+    kv_gap = (kv_again - kv[:1]).abs().max().item()         # a batch of one runs other conv kernels: not bitwise
+    check("kv recomputed from the data ID", kv_gap < 1e-5, f"largest difference {kv_gap:.1e}")
     gap = max((getattr(again, k) - getattr(after, k)).abs().max().item() for k in State.FIELDS)
     check("the two-tick unit continues the long forward pass from the stored State_t", gap < 1e-5,
           f"largest difference {gap:.1e}")

@@ -2156,8 +2156,9 @@ def test_ctm_pretrain_learns_parity_and_a_killed_run_resumes_exactly(tmp_path, m
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_ctm_debug_step_cli_passes_every_check(tmp_path, capsys, one_thread):
-    ctm.main(_ctm_argv(tmp_path, "--debug-step"))
+@pytest.mark.parametrize("task", ["parity", "maze"])
+def test_ctm_debug_step_cli_passes_every_check(tmp_path, capsys, task, one_thread):
+    ctm.main(_ctm_argv(tmp_path, "--debug-step", "--task", task))
     out = capsys.readouterr().out
     assert "all checks passed" in out and out.count("[ok]") == 7 and "FAILED" not in out
 
@@ -2287,16 +2288,19 @@ def test_ctm_tournament_promotes_a_planted_better_challenger_and_not_a_worse_one
             unit.readout.bias.copy_(torch.tensor([logit, -logit] * cfg.parity_len))
         return unit
 
-    weights.save_challenger(planted(-4.0), 0, "worse")
-    weights.save_challenger(planted(4.0), 1, "better")
+    weights.save_challenger(planted(-4.0), 0, "cycle1-challenger0")          # worse
+    weights.save_challenger(planted(4.0), 1, "cycle1-challenger1")           # better
+    weights.save_challenger(planted(8.0), 2, "cycle0-challenger2")           # a stale one of another cycle
     record = trainer.phase_evaluate(0)
-    assert record["promoted"] and record["best"] == "better" and weights.best_id() == "better"
+    assert record["promoted"] and record["best"] == "cycle1-challenger1" == weights.best_id()
+    assert len(record["score_challengers"]) == 2
     assert record["score_challengers"][1] > record["score_best"] > record["score_challengers"][0]
     assert "base" in weights.pool_ids()                             # the dethroned best is archived
     assert not weights.cohort_dir.exists()
-    weights.save_challenger(planted(-4.0), 0, "worse-again")
+    assert trainer.phase_evaluate(0) == record                      # a restart carries out the saved verdict
+    weights.save_challenger(planted(-4.0), 0, "cycle2-challenger0")
     record = trainer.phase_evaluate(1)
-    assert not record["promoted"] and weights.best_id() == "better"
+    assert not record["promoted"] and weights.best_id() == "cycle1-challenger1"
     assert record["score_challengers"][0] < record["score_best"]
 
 
