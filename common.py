@@ -225,11 +225,16 @@ def sample_next(logits: torch.Tensor, temperature: float = 1.0, top_k: int = 0, 
 # metrics
 
 def _json_value(value: object) -> object:
-    """Turn one-element tensors / numpy scalars into Python numbers and non-finite floats into None."""
+    """Turn one-element tensors / numpy scalars into Python numbers and non-finite floats into None, also
+    inside lists, tuples and dicts."""
     if isinstance(value, np.generic) or (isinstance(value, torch.Tensor) and value.numel() == 1):
         value = value.item()
     if isinstance(value, float) and not math.isfinite(value):
         return None
+    if isinstance(value, (list, tuple)):
+        return [_json_value(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _json_value(v) for k, v in value.items()}
     return value
 
 class MetricsLogger:

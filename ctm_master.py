@@ -216,8 +216,10 @@ class RunConfig:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}")
         if not self.lr > 0 or not 0 < self.clip_quantile <= 1 or not 0 <= self.p_best <= 1:
             raise ValueError("--lr must be > 0, --clip-quantile in (0, 1] and --p-best in [0, 1]")
-        if not 0 < self.val_fraction < 1:
-            raise ValueError(f"--val-fraction must be in (0, 1), got {self.val_fraction}")
+        if not 0.001 <= self.val_fraction < 1:             # held out by data ID modulo 1000
+            raise ValueError(f"--val-fraction must be in [0.001, 1), got {self.val_fraction}")
+        if self.tick_cap % 2:
+            raise ValueError(f"--tick-cap must be even (the unit thinks two ticks at a time), got {self.tick_cap}")
         for name in ("p_end", "q_start", "q_end", "confidence"):
             if not 0 <= getattr(self, name) <= 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be in [0, 1], got {getattr(self, name)}")
@@ -948,6 +950,8 @@ class WeightManager:
                 if path.is_file():
                     ckpt = self.checked(path, "weight_id", "unit")
                     if ckpt["weight_id"] == weight_id:
+                        if len(self._cache) >= 16:           # challengers come and go: keep the newest
+                            self._cache.pop(next(iter(self._cache)))
                         self._cache[weight_id] = ckpt["unit"]
                         break
             else:
@@ -1579,13 +1583,28 @@ def ensure_weights(weights: WeightManager, run: RunConfig) -> None:
           "random units to generate with")
 
 
+def ensure_base(weights: WeightManager, run: RunConfig, device: torch.device) -> None:
+    """The loop starts from a pretrained CTM: pretrain (or finish pretraining) when the root has none. A root
+    with a backbone but no best_model.pth holds --generate's random weights, and its pairs' kv depends on
+    that backbone: it is refused rather than overwritten."""
+    if weights.best_path.exists():
+        return
+    if weights.backbone_path.exists() and not (weights.root / "pretrain_ckpt.pt").exists():
+        raise CTMError(f"{weights.root} holds random weights from --generate and no best_model.pth: run the loop "
+                       "in another --out-dir")
+    print(f"no best_model.pth in {weights.root}: pretraining the base CTM first")
+    pretrain(weights.cfg, run, device, resume=(weights.root / "pretrain_ckpt.pt").exists())
+
+
 def generate(cfg: CTMConfig, run: RunConfig, device: torch.device) -> YieldStats:
     """One data-generation phase into OUT_DIR's replay buffers, with the yield report."""
     root = Path(run.out_dir)
     weights = WeightManager(root, cfg)
     ensure_weights(weights, run)
     buffer = DiskReplayBuffer(root, cfg, run.buffer_capacity, run.val_fraction)
-    generator = DataGenerator(cfg, run, device, weights, buffer)
+    # seeded by what the buffers already hold, so that a second call draws new data
+    generator = DataGenerator(cfg, run, device, weights, buffer,
+                              seed=run.seed * 1_000_003 + sum(f.next_seq for f in buffer.folders.values()))
     t0 = time.perf_counter()
     stats = generator.run_threaded(run.gen_batches)
     seconds = time.perf_counter() - t0
@@ -1782,8 +1801,13 @@ class MasterTrainer:
         if self.state_path.exists():
             try:
                 self.state = json.loads(self.state_path.read_text())
-            except (ValueError, UnicodeDecodeError) as exc:
+                if not (set(self.state) >= {"cycle", "phase", "attempt", "history", "base"}
+                        and self.state["phase"] in (*self.PHASES, "done")):
+                    raise ValueError("fields missing or an unknown phase")
+            except (ValueError, UnicodeDecodeError, TypeError) as exc:
                 raise CTMError(f"{self.state_path}: not a loop state file ({exc})") from None
+        for stale in [*self.root.glob(".*.tmp"), *self.weights.pool_dir.glob(".*.tmp")]:
+            stale.unlink()                                     # writes killed before their rename
         self.backbone = Backbone(cfg).to(device).eval()
         self.onm = None
         self.tensorboard = None
@@ -1800,9 +1824,7 @@ class MasterTrainer:
     def loop(self) -> list[dict]:
         """Run (or continue) the loop; returns the per-cycle records."""
         run = self.run
-        if not self.weights.best_path.exists():
-            print(f"no best_model.pth in {self.root}: pretraining the base CTM first")
-            pretrain(self.cfg, run, self.device, resume=(self.root / "pretrain_ckpt.pt").exists())
+        ensure_base(self.weights, run, self.device)
         self.weights.load_backbone(self.backbone)
         self.open_onm()
         self.open_tensorboard()
@@ -1856,19 +1878,25 @@ class MasterTrainer:
                 atomic_save({"config": dataclasses.asdict(self.cfg), "onm": self.onm.state_dict()}, self.onm_path)
                 self.save_state(onm_done=done)
             record.update({k: v for k, v in done.items() if k != "cycle"})
-        losses = []
+        if not sum(self.buffer.counts("train").values()):
+            tqdm.write(f"cycle {cycle + 1}: no training pairs yet, so no challengers this cycle")
+            return {"q": q, **record}
+        trained = self.state.get("cohort_stats")                # challengers saved before a restart
+        trained = trained if trained and trained["cycle"] == cycle + 1 else {"cycle": cycle + 1, "stats": {}}
         for i in range(run.cohort):
             weight_id = f"cycle{cycle + 1}-challenger{i}"
             path = self.weights.cohort_dir / f"challenger_{i}.pth"
-            if path.exists() and self.weights.checked(path, "weight_id", "unit")["weight_id"] == weight_id:
+            if (str(i) in trained["stats"] and path.exists()
+                    and self.weights.checked(path, "weight_id", "unit")["weight_id"] == weight_id):
                 continue
             unit = self.unit(best_id)
             stats = train_unit(unit, self.backbone, self.buffer, run, q, run.seed * 7919 + cycle * 101 + i,
                                self.device, f"cycle {cycle + 1} challenger {i}")
             self.weights.save_challenger(unit, i, weight_id)
-            losses.append(stats)
-        if losses:
-            record.update({k: float(np.mean([l[k] for l in losses])) for k in losses[0]})
+            trained["stats"][str(i)] = stats
+            self.save_state(cohort_stats=trained)
+        losses = list(trained["stats"].values())
+        record.update({k: float(np.mean([l[k] for l in losses])) for k in losses[0]})
         return {"q": q, **record}
 
     def phase_evaluate(self, cycle: int) -> dict:
@@ -2031,18 +2059,21 @@ def experiment_arms(name: str, run: RunConfig) -> list[tuple[str, dict]]:
 def experiment(name: str, cfg: CTMConfig, run: RunConfig, device: torch.device) -> dict:
     """Two arms of the loop from the same pretrained base and empty buffers, each in
     OUT_DIR/experiments/NAME/ARM (resumable like any loop); prints a table of the two."""
+    if name == "cohort" and run.cohort < 2:
+        raise CTMError("--experiment cohort compares a cohort of 1 with --cohort: give --cohort 2 or more")
     root = Path(run.out_dir)
     weights = WeightManager(root, cfg)
-    if not weights.best_path.exists():
-        print(f"no best_model.pth in {root}: pretraining the base CTM first")
-        pretrain(cfg, run, device, resume=(root / "pretrain_ckpt.pt").exists())
+    ensure_base(weights, run, device)
     results = {}
     for arm, changes in experiment_arms(name, run):
         arm_root = root / "experiments" / name / arm
-        if not (arm_root / "best_model.pth").exists():
-            (arm_root / "expert_pool").mkdir(parents=True, exist_ok=True)
+        if not arm_root.exists():                        # set up in a side folder, then renamed: all or nothing
+            setup = arm_root.with_name(f".{arm}.setup")
+            shutil.rmtree(setup, ignore_errors=True)
+            (setup / "expert_pool").mkdir(parents=True)
             for path in [weights.backbone_path, weights.best_path, *sorted(weights.pool_dir.glob("*.pth"))]:
-                shutil.copyfile(path, arm_root / path.relative_to(root))
+                shutil.copyfile(path, setup / path.relative_to(root))
+            os.replace(setup, arm_root)
         print(f"experiment {name}, arm {arm}: {arm_root}")
         results[arm] = MasterTrainer(cfg, dataclasses.replace(run, out_dir=str(arm_root), **changes), device).loop()
     print(f"experiment {name}: {run.cycles} cycles per arm")
@@ -2068,12 +2099,12 @@ def train_onm_offline(cfg: CTMConfig, run: RunConfig, device: torch.device) -> d
     weights.load_backbone(backbone)
     buffer = DiskReplayBuffer(root, cfg, run.buffer_capacity, run.val_fraction)
     print(f"optic nerve model on {buffer.counts('train')} train and {buffer.counts('val')} held-out pairs")
+    if not sum(buffer.counts("val").values()) or not sum(buffer.counts("train").values()):
+        raise CTMError(f"{root}: needs both train and held-out pairs (generate more data)")
     torch.manual_seed(run.seed)
     onm = OpticNerveModel(cfg).to(device)
     result = train_onm(onm, backbone, weights, buffer, run, device, seed=run.seed)
     atomic_save({"config": dataclasses.asdict(cfg), "onm": onm.state_dict()}, root / "optic_nerve_model.pth")
-    if result["onm_val_before"] is None:
-        raise CTMError(f"{root}: no held-out pairs to measure the optic nerve model on (generate more data)")
     print("held-out loss every tenth of training: " + " ".join(f"{v:.4f}" for v in result["onm_val_curve"]))
     print(f"held-out loss {result['onm_val_before']:.4f} -> {result['onm_val_after']:.4f}; "
           f"wrote {root / 'optic_nerve_model.pth'}")

@@ -264,6 +264,13 @@ def test_metrics_logger_lines_survive_without_close(tmp_path):
     assert len(path.read_text().splitlines()) == 3
 
 
+def test_metrics_logger_writes_null_for_non_finite_values_inside_lists(tmp_path):
+    with common.MetricsLogger(tmp_path / "m.jsonl") as log:
+        log.log(scores=[1.0, float("nan")], nested={"a": float("inf"), "b": [torch.tensor(2.0)]})
+    record = json.loads((tmp_path / "m.jsonl").read_text())
+    assert record["scores"] == [1.0, None] and record["nested"] == {"a": None, "b": [2.0]}
+
+
 def test_metrics_logger_none_is_noop(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     with common.MetricsLogger(None) as log:
@@ -2186,6 +2193,9 @@ def test_ctm_generate_cli_reports_yield_and_fills_the_buffer(tmp_path, capsys, o
     (["--generate", "--weight-noise", "nan"], "--weight-noise must be >= 0"),
     (["--generate", "--task", "maze", "--maze-size", "1"], "--maze-size must be >= 2"),
     (["--confidence", "2"], "--confidence must be in [0, 1]"),
+    (["--tick-cap", "7"], "--tick-cap must be even"),
+    (["--val-fraction", "0.0001"], "--val-fraction must be in [0.001, 1)"),
+    (["--experiment", "cohort", "--cohort", "1"], "--cohort 2 or more"),
     (["--generate", "--resume"], "--resume goes with --pretrain"),
 ])
 def test_ctm_bad_flags_are_one_error_line(tmp_path, capsys, flags, expect):
@@ -2216,6 +2226,12 @@ def test_ctm_bad_files_and_out_dirs_are_one_error_line(tmp_path, capsys, one_thr
     (bad / "expert_pool" / "random-1.pth").write_bytes(b"\x00" * 10)
     assert "random-" in fails("--generate", out=bad)
     assert "not a checkout" in fails("--bench-reference", str(tmp_path))
+    assert "random weights from --generate" in fails(out=bad)            # the loop refuses to overwrite them
+    loop = tmp_path / "loop"
+    loop.mkdir()
+    for text in ("{}", "[]", '{"cycle": 0, "phase": "dream", "attempt": 0, "history": [], "base": null}', "\x00"):
+        (loop / "master_state.json").write_text(text)
+        assert "not a loop state file" in fails(out=loop)
     capsys.readouterr()
 
 
@@ -2308,12 +2324,16 @@ def test_ctm_loop_killed_mid_cycle_resumes_and_loses_no_stored_pair(tmp_path):
     argv = [sys.executable, os.path.join(HERE, "ctm_master.py"), *_ctm_argv(tmp_path, *CTM_LOOP, "--threads", "1",
                                                                             "--train-steps", "400")]
     proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    cohort = tmp_path / "challenger_cohort"
+
+    def first_challenger_done():
+        state_file = tmp_path / "master_state.json"             # written atomically: always whole
+        state = json.loads(state_file.read_text()) if state_file.exists() else {}
+        return "0" in (state.get("cohort_stats") or {}).get("stats", {})
     deadline = time.time() + 300
-    while not (cohort / "challenger_0.pth").exists() and time.time() < deadline and proc.poll() is None:
+    while not first_challenger_done() and time.time() < deadline and proc.poll() is None:
         time.sleep(0.02)
     assert proc.poll() is None, "the loop ended before the kill"
-    proc.send_signal(signal.SIGKILL)                                 # mid-training of cycle 1's cohort
+    proc.send_signal(signal.SIGKILL)                                 # while cycle 1's second challenger trains
     proc.wait()
     pairs_before = {p.name for p in tmp_path.glob("*_replay_buffer/*.pairs")}
     state = json.loads((tmp_path / "master_state.json").read_text())
@@ -2323,7 +2343,48 @@ def test_ctm_loop_killed_mid_cycle_resumes_and_loses_no_stored_pair(tmp_path):
     assert pairs_before <= {p.name for p in tmp_path.glob("*_replay_buffer/*.pairs")}
     state = json.loads((tmp_path / "master_state.json").read_text())
     assert state["cycle"] == 2 and [r["cycle"] for r in state["history"]] == [1, 2]
+    # the restart went on with training: cycle 1's data is the first run's, its first challenger was kept
+    assert state["history"][0]["pairs"] == sum(int(name.split("-")[1]) for name in pairs_before)
+    assert "cycle 1 challenger 0" not in done.stderr and "cycle 1 challenger 1" in done.stderr
+    assert math.isfinite(state["history"][0]["loss_last"])
     assert not list(tmp_path.rglob("*.tmp")) and not list(tmp_path.rglob("*.corrupt"))
+
+
+def test_ctm_a_restarted_generation_phase_draws_new_data(tmp_path, one_thread):
+    cfg = _ctm_cfg()
+    run = _ctm_run(tmp_path, gen_batches=2, gen_ticks=20, val_fraction=0.001)
+    trainer = ctm.MasterTrainer(cfg, run, torch.device("cpu"))
+    ctm.ensure_weights(trainer.weights, run)
+    first = trainer.phase_generate(0)["pairs"]
+    second = trainer.phase_generate(0)["pairs"]                 # as after a kill in the middle of the phase
+    pairs = trainer.buffer.load_batch(first + second, q=1.0, rng=np.random.default_rng(0))
+    keys = list(zip(pairs.data_ids.tolist(), pairs.ticks.tolist(), pairs.weight_ids))
+    assert len(keys) == first + second > 0 and len(set(keys)) == len(keys)
+
+
+def test_ctm_until_confident_decoding_stops_each_sample_at_its_certainty(tmp_path, one_thread):
+    cfg = _ctm_cfg()
+    unit, backbone = _ctm_with_decays(cfg).unit.eval(), ctm.Backbone(cfg).eval()
+    run = _ctm_run(tmp_path, task_samples=40, task_budget=10, tick_cap=10)
+    never = ctm.task_performance(unit, backbone, dataclasses.replace(run, confidence=1.0), torch.device("cpu"))
+    assert never["confident"] == 0 and never["ticks_confident"] == 10
+    assert never["solve_confident"] == never["solve_budget"] and never["acc_confident"] == never["acc_budget"]
+    at_once = ctm.task_performance(unit, backbone, dataclasses.replace(run, confidence=0.0), torch.device("cpu"))
+    assert at_once["confident"] == 1 and at_once["ticks_confident"] == 2
+    with torch.no_grad():                        # a threshold that about half the samples reach at some tick
+        kv, y_base = backbone(ctm.task_batch(cfg, ctm.test_ids(40), torch.device("cpu"))[0])
+        s = ctm.generate_initial_state(y_base, ctm.certainty(y_base, cfg.out_shape), kv, unit, run.init_state)
+        certainties = []
+        for _ in range(5):
+            s = unit(s, kv)
+            certainties.append(s.C)
+        certainties = torch.stack(certainties)                    # (5, 40): after ticks 2, 4, ..., 10
+    threshold = float(certainties.max(0).values.median())
+    reached = certainties >= threshold
+    first = torch.where(reached.any(0), 2 * (reached.float().argmax(0) + 1), 10).float()
+    some = ctm.task_performance(unit, backbone, dataclasses.replace(run, confidence=threshold), torch.device("cpu"))
+    assert 0 < some["confident"] < 1 and some["confident"] == pytest.approx(reached.any(0).float().mean().item())
+    assert some["ticks_confident"] == pytest.approx(first.mean().item()) and some["ticks_confident"] < 10
 
 
 def test_ctm_optic_nerve_model_offline_training_lowers_its_held_out_loss(tmp_path, capsys, one_thread):
@@ -2336,4 +2397,11 @@ def test_ctm_optic_nerve_model_offline_training_lowers_its_held_out_loss(tmp_pat
     out = capsys.readouterr().out
     before, after = map(float, re.search(r"held-out loss ([\d.]+) -> ([\d.]+)", out).groups())
     assert after < 0.3 * before
-    assert (tmp_path / "optic_nerve_model.pth").is_file()
+    cfg = _ctm_cfg(parity_len=4)
+    onm = ctm.OpticNerveModel(cfg)
+    onm.load_state_dict(torch.load(tmp_path / "optic_nerve_model.pth", weights_only=True)["onm"])
+    y, C, theta = torch.randn(3, cfg.out_dims), torch.rand(3), torch.randn(onm.theta_dim)
+    kv = torch.randn(3, cfg.n_kv, cfg.d_input)
+    with torch.no_grad():                                        # the start it proposes depends on the input
+        assert not torch.allclose(onm(y, C, kv, theta).z, onm(y, C, kv + 1, theta).z)
+        assert not torch.allclose(onm(y, C, kv, theta).z, onm(y, C, kv, theta + 1).z)
