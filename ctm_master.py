@@ -83,6 +83,13 @@ from common import (MetricsLogger, add_config_flags, atomic_save, atomic_write, 
 # configuration
 
 
+def require_at_least(config: object, names: tuple[str, ...], low: float) -> None:
+    """One error line for the first field below `low` (written so that NaN fails too)."""
+    for name in names:
+        if not getattr(config, name) >= low:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= {low}, got {getattr(config, name)}")
+
+
 @dataclass
 class CTMConfig:
     """The task and the model's shape: stored with every weight file, equal across a weight pool."""
@@ -112,9 +119,7 @@ class CTMConfig:
     def check(self) -> None:
         positive = ("parity_len", "maze_size", "maze_route_len", "maze_width", "d_model", "d_input", "heads",
                     "n_synch_out", "n_synch_action", "synapse_depth", "memory_length", "ticks")
-        for name in positive:
-            if getattr(self, name) < 1:
-                raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+        require_at_least(self, positive, 1)
         if self.d_input % self.heads:
             raise ValueError(f"--d-input ({self.d_input}) must be a multiple of --heads ({self.heads})")
         if self.nlm_hidden < 0 or not 0 <= self.dropout < 1:
@@ -208,12 +213,9 @@ class RunConfig:
                     "gen_batches", "gen_batch_size", "gen_ticks", "chunk_ticks", "workers", "io_threads",
                     "queue_size", "buffer_capacity", "cycles", "cohort", "train_steps", "train_batch", "val_pairs",
                     "task_every", "task_samples", "task_budget", "tick_cap", "onm_steps")
-        for name in positive:
-            if getattr(self, name) < 1:
-                raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
-        for name in ("threads", "iters", "warmup", "pool_random", "weight_noise", "act_noise", "weight_decay"):
-            if not getattr(self, name) >= 0:                 # written so that NaN fails too
-                raise ValueError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}")
+        require_at_least(self, positive, 1)
+        require_at_least(self, ("threads", "iters", "warmup", "pool_random", "weight_noise", "act_noise",
+                                 "weight_decay"), 0)
         if not self.lr > 0 or not 0 < self.clip_quantile <= 1 or not 0 <= self.p_best <= 1:
             raise ValueError("--lr must be > 0, --clip-quantile in (0, 1] and --p-best in [0, 1]")
         if not 0.001 <= self.val_fraction < 1:             # held out by data ID modulo 1000
@@ -2154,9 +2156,9 @@ def debug_step(cfg: CTMConfig, run: RunConfig, device: torch.device) -> bool:
           and torch.equal(loaded.data_ids, ids[:1]) and loaded.ticks.tolist() == [t])
     found = weights.load(loaded.weight_ids[0])
     check("weights found again by weight_id", all(torch.equal(found[k], v.cpu()) for k, v in ctm.unit.state_dict().items()))
-    before, after = loaded.before.map(lambda v: v.to(device)), loaded.after.map(lambda v: v.to(device))
+    before, after = on_device(loaded, device)
+    kv_again, _ = rebuild_inputs(ctm.backbone, cfg, loaded.data_ids, device)
     with torch.no_grad():
-        kv_again, _ = ctm.backbone(task_batch(cfg, loaded.data_ids, device)[0])
         again = ctm.unit(before, kv_again)
     kv_gap = (kv_again - kv[:1]).abs().max().item()         # a batch of one runs other conv kernels: not bitwise
     check("kv recomputed from the data ID", kv_gap < 1e-5, f"largest difference {kv_gap:.1e}")
