@@ -28,7 +28,6 @@ import math
 import os
 import signal
 import struct
-import sysconfig
 import time
 import uuid
 from contextlib import nullcontext
@@ -41,8 +40,8 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
-from common import (MetricsLogger, atomic_save, atomic_write, cleanup_ddp, load_checkpoint, pick_device,
-                    seed_everything, setup_ddp, time_calls)
+from common import (MetricsLogger, atomic_save, atomic_write, builtin_corpus_files, cleanup_ddp, load_checkpoint,
+                    pick_device, seed_everything, setup_ddp, time_calls)
 from rwkv7_kernel import wkv7
 
 # -----------------------------------------------------------------------------
@@ -913,10 +912,7 @@ def load_tokens(path: str, cache_dir: str) -> np.ndarray:
     """One data source as a flat token array: binidx prefix (or its .bin/.idx), a directory of text files,
     or a text / JSONL file; the empty path is the built-in corpus (the standard library's top-level *.py)."""
     if not path:
-        files = sorted(glob.glob(os.path.join(sysconfig.get_paths()["stdlib"], "*.py")))
-        if not files:
-            raise FileNotFoundError("the built-in corpus needs the Python standard library's source files")
-        return tokenize_to_cache(files, cache_dir, "the built-in corpus (stdlib source)")
+        return tokenize_to_cache(builtin_corpus_files(), cache_dir, "the built-in corpus (stdlib source)")
     prefix = path[:-4] if path.endswith((".bin", ".idx")) else path
     if os.path.isfile(prefix + ".idx") and os.path.isfile(prefix + ".bin"):
         return read_binidx(prefix)

@@ -1,17 +1,19 @@
 """
 Shared plumbing for the single-file systems in this repo (camoe.py, alphagpt.py, ...):
 config dataclasses as command-line flags, device/dtype selection, seeding, benchmark timing, crash-safe
-file writes, checkpoint loading, the learning-rate schedule, token sampling, JSONL metrics and DDP setup.
+file writes, checkpoint loading, the built-in corpus, the learning-rate schedule, token sampling, JSONL metrics and DDP setup.
 """
 
 import argparse
 import dataclasses
+import glob
 import json
 import math
 import os
 import pickle
 import random
 import re
+import sysconfig
 import tempfile
 import time
 import warnings
@@ -153,14 +155,9 @@ def atomic_write_bytes(data: bytes, path: PathLike) -> None:
 # -----------------------------------------------------------------------------
 # checkpoints
 
-def load_checkpoint(path: PathLike, config_cls: type[ConfigT],
-                    map_location: str | torch.device = "cpu") -> tuple[dict, ConfigT]:
-    """Load a checkpoint saved as {"config": dataclasses.asdict(cfg), ...} and rebuild config_cls from it.
-
-    Only plain content (dicts, lists, tensors, numbers, strings) is allowed, so it loads with
-    weights_only=True. Config fields missing from old checkpoints take their dataclass defaults;
-    stored keys the dataclass no longer has are ignored with a warning.
-    """
+def read_checkpoint(path: PathLike, map_location: str | torch.device = "cpu") -> dict:
+    """A torch checkpoint dict of plain content (dicts, lists, tensors, numbers, strings), loaded with
+    weights_only=True; a missing, foreign or damaged file is one ValueError / FileNotFoundError line."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: checkpoint file not found")
@@ -171,7 +168,19 @@ def load_checkpoint(path: PathLike, config_cls: type[ConfigT],
         raise ValueError(f"{path}: not a readable checkpoint (not a torch file of plain tensors and numbers)") from None
     except Exception as exc:
         raise ValueError(f"{path}: not a readable checkpoint ({str(exc).strip().splitlines()[-1]})") from exc
-    if not isinstance(ckpt, dict) or not isinstance(ckpt.get("config"), dict):
+    if not isinstance(ckpt, dict):
+        raise ValueError(f"{path}: not a checkpoint dict")
+    return ckpt
+
+def load_checkpoint(path: PathLike, config_cls: type[ConfigT],
+                    map_location: str | torch.device = "cpu") -> tuple[dict, ConfigT]:
+    """Load a checkpoint saved as {"config": dataclasses.asdict(cfg), ...} and rebuild config_cls from it.
+
+    Read with read_checkpoint. Config fields missing from old checkpoints take their dataclass defaults;
+    stored keys the dataclass no longer has are ignored with a warning.
+    """
+    ckpt = read_checkpoint(path, map_location)
+    if not isinstance(ckpt.get("config"), dict):
         raise ValueError(f"{path}: checkpoint has no 'config' dict")
     known = {f.name for f in dataclasses.fields(config_cls) if f.init}
     unknown = sorted(set(ckpt["config"]) - known)
@@ -179,6 +188,17 @@ def load_checkpoint(path: PathLike, config_cls: type[ConfigT],
         warnings.warn(f"{path}: ignoring config keys unknown to {config_cls.__name__}: {unknown}")
     config = config_cls(**{k: v for k, v in ckpt["config"].items() if k in known})
     return ckpt, config
+
+# -----------------------------------------------------------------------------
+# the built-in corpus
+
+def builtin_corpus_files() -> list[str]:
+    """The standard library's top-level *.py files: text every Python installation has, for training runs
+    given no data."""
+    files = sorted(glob.glob(os.path.join(sysconfig.get_paths()["stdlib"], "*.py")))
+    if not files:
+        raise FileNotFoundError("the built-in corpus needs the Python standard library's source files")
+    return files
 
 # -----------------------------------------------------------------------------
 # learning-rate schedule

@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 
 import alphagpt as ag
+import apt
 import camoe
 import common
 import ctm_master as ctm
@@ -2405,3 +2406,639 @@ def test_ctm_optic_nerve_model_offline_training_lowers_its_held_out_loss(tmp_pat
     with torch.no_grad():                                        # the start it proposes depends on the input
         assert not torch.allclose(onm(y, C, kv, theta).z, onm(y, C, kv + 1, theta).z)
         assert not torch.allclose(onm(y, C, kv, theta).z, onm(y, C, kv, theta + 1).z)
+
+
+# ======================================================================================
+# apt.py
+
+APT_TINY = ["model.d_model=32", "model.num_heads=4", "model.num_layers=2", "model.d_ff=64", "model.block_size=32",
+            "training.batch_size=8", "training.eval_batches=2", "training.warmup_steps=2", "training.device=cpu"]
+
+
+def _apt_text(tmp_path, n_bytes=40_000):
+    """A small corpus with plenty of signal (repeated words) for fast runs."""
+    rng = random.Random(0)
+    words = ["alpha", "beta", "gamma", "delta", "parser", "lexer", "token", "value"]
+    path = tmp_path / "corpus.txt"
+    path.write_text(" ".join(rng.choice(words) for _ in range(n_bytes // 6)))
+    return path
+
+
+def _apt_train(tmp_path, *extra, profile="base", steps=6, epochs=1, out="run", data=None):
+    data = data or _apt_text(tmp_path)
+    argv = ["train", "-p", profile, "--out-dir", str(tmp_path / out), "--set", *APT_TINY,
+            f"training.steps_per_epoch={steps}", f"training.max_epochs={epochs}", f"data.path={data}", *extra]
+    return apt.main(argv)
+
+
+def _apt_metrics(tmp_path, out="run"):
+    with open(tmp_path / out / "metrics.jsonl") as f:
+        rows = [json.loads(line) for line in f]
+    return [r for r in rows if "ce" in r], [r for r in rows if "val_ppl" in r]
+
+
+def test_apt_registry_falls_back_once_and_strict_refuses(caplog):
+    reg = apt.Registry()
+    reg.register("attention", "tva_default", apt.TVAAttention)
+    reg.register("attention", "sdpa", apt.SDPAAttention)
+    with caplog.at_level("WARNING", logger="apt"):
+        assert isinstance(reg.get("attention", "flash_v9"), apt.TVAAttention)
+        assert isinstance(reg.get("attention", "flash_v9"), apt.TVAAttention)
+    assert [r.message for r in caplog.records].count(
+        "attention:flash_v9 is not registered (registered: tva_default, sdpa); falling back to tva_default") == 1
+    assert isinstance(reg.get("attention", "sdpa", {}), apt.SDPAAttention)
+    assert reg.list_providers("attention") == ["sdpa", "tva_default"]
+    with pytest.raises(ValueError, match="ffn:default is not registered"):     # no default registered for ffn
+        reg.get("ffn", "default")
+    reg.strict = True
+    with pytest.raises(ValueError, match="attention:flash_v9 is not registered"):
+        reg.get("attention", "flash_v9")
+    with pytest.raises(TypeError):
+        reg.register("attention", "bad", object)
+    with pytest.raises(ValueError, match="unknown provider kind"):
+        reg.register("attn", "x", apt.SDPAAttention)
+    # a dataset is never substituted: a typo must not train on the built-in corpus
+    with pytest.raises(ValueError, match="dataset:sqll is not registered"):
+        apt.registry.provider_class("dataset", "sqll", fallback=False)
+
+
+@pytest.mark.parametrize("override, message", [
+    ("model.d_modle=64", "unknown key model.d_modle (did you mean 'd_model'?)"),
+    ("training.lr=fast", "training.lr must be a number, got 'fast'"),
+    ("model.tva.q=3", "unknown key model.tva.q"),
+    ("model.tva.r=0", "model.tva: r must be >= 1"),
+    ("model.num_heads=5", "must be a multiple of model.num_heads"),
+    ("schedules.enable_mo_at_epoch=2", "no plugin named 'mo' (did you mean 'moe'?)"),
+    ("schedules.enable_moe_at_epoch=0", "must be an epoch number >= 1"),
+    ("schedules.route_tmp=1.0", "did you mean 'route_temp'?"),
+    ("model.moe.top_k=9", "1 <= top_k <= experts"),
+    ("data.provider=sqll", "dataset:sqll is not registered"),
+    ("training.max_epochs=0", "training.max_epochs must be > 0"),
+    ("voter.k=0", "voter.k must be >= 1"),
+    ("schedules.route_temp=0", "schedules.route_temp must stay >= 0.001"),
+    ("training.grad_clip=-1", "training.grad_clip must be >= 0"),
+    ("training.min_lr=1.0", "training.min_lr (1.0) must be <= training.lr"),
+    ("out_dir=123", "out_dir must be a string, got 123"),
+    ("plugins=moe", "plugins must be a list, got 'moe'"),
+])
+def test_apt_bad_profile_is_one_error_line(tmp_path, capsys, override, message):
+    assert _apt_train(tmp_path, override) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("apt.py: error: ") and message in err and len(err.splitlines()) == 1, err
+    assert not (tmp_path / "run" / "ckpt.pt").exists()
+
+
+def test_apt_bad_files_are_one_error_line(tmp_path, capsys):
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("model: [unclosed\n")
+    assert apt.main(["train", "-p", str(broken)]) == 1
+    assert "not valid YAML" in capsys.readouterr().err
+    assert apt.main(["train", "-p", "no_such_profile"]) == 1
+    assert "one of: base, gpt5_moe_reasoning, tiny_debug" in capsys.readouterr().err
+    assert _apt_train(tmp_path, data=tmp_path / "missing.txt") == 1
+    assert "missing.txt: no such file or folder" in capsys.readouterr().err
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "fine"}\n{not json\n')
+    assert _apt_train(tmp_path, data=bad) == 1
+    assert "bad.jsonl:2: not valid JSON" in capsys.readouterr().err
+    (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
+    assert apt.main(["eval", "--ckpt", str(tmp_path / "junk.pt")]) == 1
+    assert "not a readable checkpoint" in capsys.readouterr().err
+
+
+def test_apt_plugin_list_shows_the_registry(capsys):
+    assert apt.main(["plugin", "list", "--kind", "attention"]) == 0
+    names = capsys.readouterr().out.split()
+    assert {"tva_default", "sdpa", "linear_causal"} <= set(names)
+    assert ("flash_v2" in names) == (apt.flash_attn_func is not None)    # registered only when flash_attn imports
+    assert apt.main(["plugin", "list"]) == 0
+    out = capsys.readouterr().out
+    for kind in apt.Registry.KINDS:
+        assert f"{kind}:" in out
+    assert re.search(r"\* tva_default\s+2\.0\.0", out) and re.search(r"\* bistate_default", out)
+    for plugin in ["moe", "align", "routing", "retriever", "voter", "quant", "flash_attn", "linear_attn"]:
+        assert re.search(rf"^\s+{plugin}\s", out, re.M), plugin
+
+
+def test_apt_base_profile_trains_without_plugins(tmp_path, one_thread):
+    """Stage 1: `train -p base` runs on the core alone (TVA attention, default FFN) and learns."""
+    assert _apt_train(tmp_path, "training.lr=3e-3", steps=40) == 0
+    steps, epochs = _apt_metrics(tmp_path)
+    assert set(steps[0]) >= {"ce", "loss", "lr", "grad_norm"} and "moe_aux" not in steps[-1]
+    first, last = np.mean([s["ce"] for s in steps[:5]]), np.mean([s["ce"] for s in steps[-5:]])
+    assert last < first - 1.0, (first, last)
+    assert epochs[-1]["val_ppl"] < 30, epochs[-1]                      # untrained: about 257
+    ckpt = torch.load(tmp_path / "run" / "ckpt.pt", weights_only=True)
+    assert ckpt["built"] == [] and ckpt["profile"]["plugins"] == []
+    assert ckpt["profile"]["model"]["attention_name"] == "tva_default"
+    assert any(k.endswith("attn.V") for k in ckpt["model"]) and not any("experts" in k for k in ckpt["model"])
+
+
+def test_apt_gpt5_profile_switches_moe_at_2_and_align_at_3(tmp_path, one_thread):
+    """Stage 2: the profile loads MoE, align and routing; MoE joins at epoch 2, align at epoch 3, the route
+    temperature goes 1.5 -> 0.8 over the epochs."""
+    assert _apt_train(tmp_path, "model.bistate.warmup_steps=1", "model.dropout=0.0", "model.moe.experts=4",
+                      "schedules.capacity={start: 2.0, end: 1.0, by: step}",
+                      profile="gpt5_moe_reasoning", steps=3, epochs=3) == 0
+    steps, epochs = _apt_metrics(tmp_path)
+    by_epoch = {e: [s for s in steps if s["epoch"] == e] for e in (1, 2, 3)}
+    assert all(len(v) == 3 for v in by_epoch.values())
+    assert not any("moe_aux" in s for s in by_epoch[1]) and all("moe_aux" in s for s in by_epoch[2] + by_epoch[3])
+    assert not any("align" in s for s in by_epoch[1] + by_epoch[2])
+    assert ["align" in s for s in by_epoch[3]] == [False, True, True]   # after its warm-up of one step
+    assert sum(s["moe_dropped"] for s in by_epoch[2] + by_epoch[3]) > 0
+    assert [s["capacity"] for s in steps[3:]] == pytest.approx([2.0 - i / 8 for i in range(3, 9)])
+    assert "route_temp" not in by_epoch[1][0]                           # no MoE layers to route yet
+    assert [s["route_temp"] for s in steps[3::3]] == pytest.approx([1.15, 0.8])   # first steps of epochs 2, 3
+    ckpt = torch.load(tmp_path / "run" / "ckpt.pt", weights_only=True)
+    assert ckpt["built"] == ["moe"]
+    assert sum(k.endswith("ffn.gate.weight") for k in ckpt["model"]) == 2
+    assert ckpt["model"]["blocks.0.ffn.temperature"].item() == pytest.approx(0.8)
+
+
+PLUGIN_RAISING = '''
+import apt
+
+class Flaky(apt.Plugin):
+    """Raises at its third step end."""
+    def on_step_end(self, trainer, step, loss, metrics):
+        metrics["flaky_seen"] = step
+        if step == 3:
+            raise RuntimeError("flaky broke")
+
+def register(registry):
+    registry.register("plugin", "flaky_test", Flaky)
+'''
+
+
+def test_apt_third_party_plugin_from_folder_raising_in_step_end(tmp_path, caplog, one_thread):
+    """A plugin file from a folder runs; when it raises in on_step_end it is switched off with one log line
+    and training finishes; a plugin file that fails to import is skipped with one line."""
+    folder = tmp_path / "plugins"
+    folder.mkdir()
+    (folder / "flaky.py").write_text(PLUGIN_RAISING)
+    (folder / "broken.py").write_text("import no_such_module_xyz\n")
+    (folder / "deco.py").write_text("from apt import Plugin, register\n\n@register('plugin', 'deco_test')\n"
+                                    "class Deco(Plugin):\n    pass\n")
+    with caplog.at_level("INFO", logger="apt"):
+        assert _apt_train(tmp_path, "--plugin-dir", str(folder), "--plugins", "flaky_test", "deco_test",
+                          steps=6) == 0
+    assert "deco_test" in apt.registry.list_providers("plugin")
+    errors = [r.message for r in caplog.records if r.levelname == "ERROR"]
+    assert len(errors) == 2, errors
+    assert "broken.py failed to load (ModuleNotFoundError" in errors[0]
+    assert errors[1] == ("plugin flaky_test raised RuntimeError in on_step_end (flaky broke); "
+                         "it is switched off and the run goes on")
+    steps, _ = _apt_metrics(tmp_path)
+    assert [s["step"] for s in steps] == [1, 2, 3, 4, 5, 6]
+    assert [s.get("flaky_seen") for s in steps] == [1, 2, 3, None, None, None]
+
+
+def test_apt_third_party_plugin_from_entry_point(tmp_path, monkeypatch):
+    pkg = tmp_path / "site"
+    pkg.mkdir()
+    (pkg / "apt_ep_demo.py").write_text(
+        "import apt\n\nclass Demo(apt.Plugin):\n    defaults = {'level': 1}\n\n"
+        "def register(registry):\n    registry.register('plugin', 'ep_demo', Demo)\n")
+    dist = pkg / "apt_ep_demo-0.1.dist-info"
+    dist.mkdir()
+    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: apt-ep-demo\nVersion: 0.1\n")
+    (dist / "entry_points.txt").write_text("[apt.plugins]\nep_demo = apt_ep_demo:register\n")
+    monkeypatch.syspath_prepend(str(pkg))
+    importlib_invalidate = __import__("importlib").invalidate_caches
+    importlib_invalidate()
+    reg = apt.Registry()
+    apt.load_plugin_files([], reg)
+    assert reg.list_providers("plugin") == ["ep_demo"]
+    profile = apt.resolve_profile({"plugins": ["ep_demo"], "ep_demo": {"level": 3}}, _registry_with(reg), "t")
+    assert profile["ep_demo"] == {"level": 3}
+
+
+def _registry_with(extra: "apt.Registry") -> "apt.Registry":
+    reg = apt.Registry()
+    for kind, names in apt.registry.list_providers().items():
+        for name in names:
+            reg.register(kind, name, apt.registry.provider_class(kind, name))
+    for name in extra.list_providers("plugin"):
+        reg.register("plugin", name, extra.provider_class("plugin", name))
+    return reg
+
+
+def test_apt_plugin_enable_disable_round_trip_keeps_the_file(tmp_path, capsys):
+    src = os.path.join(HERE, "apt_profiles", "gpt5_moe_reasoning.yaml")
+    path = tmp_path / "gpt5.yaml"
+    original = open(src).read()
+    path.write_text(original)
+    assert apt.main(["plugin", "disable", "align", "--profile", str(path)]) == 0
+    changed = path.read_text()
+    assert 'plugins: ["moe", "routing"]' in changed
+    assert [line for line in changed.splitlines() if not line.startswith("plugins:")] == \
+        [line for line in original.splitlines() if not line.startswith("plugins:")]
+    before = path.read_bytes()
+    assert apt.main(["plugin", "disable", "retriever", "--profile", str(path)]) == 0
+    assert "nothing changed" in capsys.readouterr().out and path.read_bytes() == before
+    assert apt.main(["plugin", "enable", "align", "--profile", str(path)]) == 0
+    assert path.read_text() == original.replace('["moe", "align", "routing"]', '["moe", "routing", "align"]')
+    assert apt.main(["plugin", "enable", "allign", "--profile", str(path)]) == 1
+    assert "did you mean 'align'" in capsys.readouterr().err
+    bare = tmp_path / "bare.yaml"
+    bare.write_text("# my settings\ntraining:\n  lr: 0.001  # tuned\n")
+    assert apt.main(["plugin", "enable", "moe", "--profile", str(bare)]) == 0
+    assert bare.read_text() == "# my settings\nplugins: [moe]\ntraining:\n  lr: 0.001  # tuned\n"
+    block = tmp_path / "block.yaml"
+    block.write_text("plugins:   # mine\n  - moe\nmodel:\n  d_model: 64\n")
+    assert apt.main(["plugin", "enable", "align", "--profile", str(block)]) == 0
+    assert block.read_text() == "plugins:   # mine\n  - moe\n  - align\nmodel:\n  d_model: 64\n"
+    empty = tmp_path / "empty.yaml"
+    empty.write_text("plugins: []   # none yet\n")
+    assert apt.main(["plugin", "enable", "moe", "--profile", str(empty)]) == 0
+    assert empty.read_text() == "plugins: [moe] # none yet\n"
+    assert apt.read_profile(str(bare))[0]["plugins"] == ["moe"]
+
+
+@pytest.mark.parametrize("heads", [1, 4, 8])
+def test_apt_tva_any_head_count(heads):
+    torch.manual_seed(heads)
+    layer = apt.TVAAttentionLayer(64, heads, 0.0, r=4, s=1, tau=0.18)
+    nn_init = torch.nn.init
+    nn_init.normal_(layer.n, std=0.1)                  # a live compensator, so its gradients are exercised
+    x = torch.randn(2, 12, 64, requires_grad=True)
+    y = layer(x)
+    assert y.shape == (2, 12, 64)
+    y.square().sum().backward()
+    for name, p in layer.named_parameters():
+        assert p.grad is not None and torch.isfinite(p.grad).all() and p.grad.abs().sum() > 0, name
+    # causal: a change at position 7 leaves positions 0..6 alone
+    x2 = x.detach().clone()
+    x2[:, 7] += 1.0
+    assert torch.allclose(layer(x2)[:, :7], y[:, :7].detach(), atol=1e-6)
+    assert not torch.allclose(layer(x2)[:, 7:], y[:, 7:].detach(), atol=1e-4)
+    # against the formula written out with explicit softmax, per head
+    B, T, H, dh = 2, 12, heads, 64 // heads
+    q, k, v = layer.qkv(x).detach().view(B, T, 3, H, dh).unbind(2)
+    heads_out = []
+    for h in range(H):
+        V, U = layer.V[h].detach(), layer.U[h].detach()
+        scores = (q[:, :, h] @ V) @ (k[:, :, h] @ V).transpose(1, 2) / math.sqrt(4)
+        scores = scores.masked_fill(torch.ones(T, T, dtype=torch.bool).triu(1), float("-inf"))
+        out = scores.softmax(-1) @ (v[:, :, h] @ V) @ U
+        vh = v[:, :, h]
+        eps = (vh - vh @ V @ U).norm(dim=-1) / vh.norm(dim=-1)
+        alpha = 0.5 * torch.sigmoid(vh @ layer.g[h].detach())
+        comp = (alpha * (vh @ layer.m[h].detach())) @ layer.n[h].detach()
+        heads_out.append(out + (eps > 0.18).unsqueeze(-1) * comp)
+    expected = layer.proj(torch.cat(heads_out, dim=-1))
+    assert torch.allclose(y, expected, atol=1e-5)
+
+
+def test_apt_linear_attention_equals_the_quadratic_form():
+    torch.manual_seed(0)
+    layer = apt.LinearCausalAttentionLayer(32, 2, 0.0)
+    q, k, v = torch.randn(3, 2, 2, 150, 16).unbind(0)                  # T=150: chunks of 64, 64, 22
+    got = layer.attend(q, k, v)
+    fq, fk = F.elu(q) + 1, F.elu(k) + 1
+    scores = (fq @ fk.transpose(-1, -2)).tril()
+    expected = (scores @ v) / scores.sum(-1, keepdim=True)
+    assert torch.allclose(got, expected, atol=1e-5)
+
+
+def test_apt_moe_capacity_drops_are_counted_and_kept_tokens_are_exact():
+    torch.manual_seed(0)
+    base = apt.MLP(16, 32, 0.0)
+    moe = apt.MoEFFN(base, 16, experts=4, top_k=2, capacity=0.5)
+    assert moe.experts[0] is base and all(torch.equal(e.fc.weight, base.fc.weight) for e in moe.experts)
+    for e in moe.experts[1:]:
+        torch.nn.init.normal_(e.fc.weight)
+    torch.nn.init.normal_(moe.gate.weight)
+    x = torch.randn(2, 20, 16)
+    moe.train()
+    y = moe(x)
+    xf = x.reshape(-1, 16)
+    probs = moe.gate(xf).softmax(-1)
+    w, e = probs.topk(2, dim=-1)
+    w = w / w.sum(-1, keepdim=True)
+    limit = math.ceil(0.5 * 40 * 2 / 4)
+    used, expected, dropped = [0] * 4, torch.zeros_like(xf), 0
+    for choice in range(2):                                             # all first choices before second ones
+        for t in range(40):
+            ex = int(e[t, choice])
+            if used[ex] < limit:
+                used[ex] += 1
+                expected[t] += w[t, choice] * moe.experts[ex](xf[t:t + 1])[0]
+            else:
+                dropped += 1
+    assert moe.dropped == dropped > 0 and moe.assigned == 80
+    assert torch.allclose(y.reshape(-1, 16), expected, atol=1e-5)
+    moe.eval()
+    moe(x)
+    assert moe.dropped == 0                                             # inference never drops
+    moe.train()
+    moe.capacity = 0.0
+    moe(x)
+    assert moe.dropped == 0
+
+
+def test_apt_flash_attn_plugin_falls_back_to_tva(tmp_path, caplog, one_thread):
+    """Stage 3: `--plugins flash_attn` uses flash_v2 where flash_attn imports, else TVA with one warning."""
+    with caplog.at_level("WARNING", logger="apt"):
+        assert _apt_train(tmp_path, "--plugins", "flash_attn", steps=2) == 0
+    ckpt = torch.load(tmp_path / "run" / "ckpt.pt", weights_only=True)
+    if apt.flash_attn_func is None:
+        warnings = [r.message for r in caplog.records if "flash_v2" in r.message]
+        assert len(warnings) == 1 and "falling back to tva_default" in warnings[0]
+        assert ckpt["profile"]["model"]["attention_name"] == "tva_default"
+    else:
+        assert ckpt["profile"]["model"]["attention_name"] == "flash_v2"
+    assert _apt_train(tmp_path, "--plugins", "flash_attn", "--strict", steps=2, out="strict") == \
+        (1 if apt.flash_attn_func is None else 0)
+
+
+@pytest.fixture(scope="module")
+def apt_ckpt(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("apt_ckpt")
+    torch.set_num_threads(1)
+    try:
+        assert _apt_train(tmp, "training.lr=3e-3", steps=40) == 0
+    finally:
+        torch.set_num_threads(2)
+    return tmp / "run" / "ckpt.pt"
+
+
+def test_apt_retriever_augments_and_a_failing_one_never_breaks_generation(apt_ckpt, tmp_path, caplog):
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    (docs / "a.txt").write_text("Cats are mammals.\n\nA lexer splits text into tokens.\n\nRivers flow downhill.\n")
+    model, profile = apt.load_model(str(apt_ckpt), apt.registry, torch.device("cpu"), [])
+    seen = []
+
+    class Spy(apt.Plugin):
+        def on_generation_start(self, generator, prompt):
+            seen.append(prompt)
+            return prompt
+
+    retriever = apt.RetrieverPlugin({"docs": str(docs), "top_n": 1})
+    gen = apt.Generator(model, [retriever, Spy()], torch.device("cpu"), profile["model"]["block_size"])
+    text = gen.generate("what does a lexer do", 10, temperature=0)
+    assert seen[-1] == "A lexer splits text into tokens.\n\nwhat does a lexer do" and len(text) > 0
+    with caplog.at_level("INFO", logger="apt"):
+        broken = apt.RetrieverPlugin({"docs": str(tmp_path / "nowhere")})
+        gen = apt.Generator(model, [broken, Spy()], torch.device("cpu"), profile["model"]["block_size"])
+        text = gen.generate("what does a lexer do", 10, temperature=0)
+    assert seen[-1] == "what does a lexer do" and len(text) > 0
+    errors = [r.message for r in caplog.records if r.levelname == "ERROR"]
+    assert len(errors) == 1 and "plugin retriever raised FileNotFoundError in on_generation_start" in errors[0]
+    assert gen.bus.plugins and not any(isinstance(p, apt.RetrieverPlugin) for p in gen.bus.plugins)
+
+
+def test_apt_bm25_and_tfidf_rank_the_matching_passage_first():
+    passages = ["the cat sat on the mat", "a lexer splits source text into tokens", "tokens tokens everywhere",
+                "rivers flow to the sea"]
+    for name in ("bm25", "tfidf"):
+        r = apt.registry.get("retrieval", name)
+        r.index(passages)
+        hits = r.search("how does a lexer split text", 2)
+        assert hits[0][1] == passages[1], (name, hits)
+        assert all(a[0] >= b[0] for a, b in zip(hits, hits[1:]))
+        assert r.search("zebra", 2) == []
+    none = apt.registry.get("retrieval", "none")
+    none.index(passages)
+    assert none.search("lexer", 2) == []
+
+
+def test_apt_voter_votes_only_above_the_entropy_threshold():
+    voter = apt.VoterPlugin({"k": 3, "threshold": 1.0})
+    voter.on_generation_start(None, "")
+    peaked = torch.full((257,), -20.0)
+    peaked[65] = 20.0
+    assert voter.choose_token(None, peaked, lambda: 1 / 0) is None                 # low entropy: no vote
+    flat = torch.zeros(257)
+    flat[7] = 0.5
+    draws = iter([3, 9, 3])
+    assert voter.choose_token(None, flat, lambda: next(draws)) == 3                # majority
+    draws = iter([3, 9, 7])
+    assert voter.choose_token(None, flat, lambda: next(draws)) == 7                # tie: the more likely token
+    assert (voter.voted, voter.tokens) == (2, 3)
+
+
+def test_apt_generate_and_eval_commands(apt_ckpt, capsys, caplog):
+    with caplog.at_level("INFO", logger="apt"):
+        assert apt.main(["generate", "--ckpt", str(apt_ckpt), "--prompt", "alpha ", "--max-new-tokens", "30",
+                         "--plugins", "voter"]) == 0
+    captured = capsys.readouterr()
+    assert captured.out.startswith("alpha ") and len(captured.out) > len("alpha ") + 5
+    assert "tokens/s]" in captured.err and any("voter: voted on" in r.message for r in caplog.records)
+    assert apt.main(["eval", "--ckpt", str(apt_ckpt)]) == 0
+    ppl = float(re.search(r"perplexity ([\d.]+)", capsys.readouterr().out)[1])
+    assert 1 < ppl < 30
+
+
+def test_apt_quant_plugin_reports_the_perplexity_change(apt_ckpt, caplog):
+    with caplog.at_level("INFO", logger="apt"):
+        assert apt.main(["eval", "--ckpt", str(apt_ckpt), "--plugins", "quant"]) == 0
+    line = next(r.message for r in caplog.records if r.message.startswith("quant:"))
+    assert "int8 on 9 Linear layers" in line                            # 4 per block (TVA qkv too) + head
+    before, after = map(float, re.search(r"perplexity ([\d.]+) -> ([\d.]+)", line).groups())
+    assert abs(after / before - 1) < 0.05 and before != after, line
+    size_before, size_after = map(float, re.search(r"weights ([\d.]+) MB -> ([\d.]+) MB", line).groups())
+    assert size_after < size_before
+
+
+@pytest.mark.parametrize("kill_at, ckpt_at, align_epoch, align_steps", [(10, 8, 1, 15), (7, 6, 2, 9)])
+def test_apt_resume_continues_exactly_where_it_stopped(tmp_path, one_thread, kill_at, ckpt_at, align_epoch,
+                                                       align_steps):
+    """Killed mid-epoch 2 (checkpoint at step 8, step 9 already logged; align on since epoch 1, MoE since 2)
+    or at the start of epoch 2 (checkpoint at the end of epoch 1, MoE and align still pending), then resumed:
+    every later loss, the final weights and the metrics log equal an uninterrupted run's."""
+    folder = tmp_path / "plugins"
+    folder.mkdir()
+    (folder / "killer.py").write_text(
+        "import apt\n\nclass Killer(apt.Plugin):\n    def on_step_end(self, trainer, step, loss, metrics):\n"
+        f"        if step == {kill_at}:\n            raise KeyboardInterrupt\n\n"
+        "def register(registry):\n    registry.register('plugin', 'killer_test', Killer)\n")
+    common_args = ["--set", "schedules.enable_moe_at_epoch=2", f"schedules.enable_align_at_epoch={align_epoch}",
+                   "model.bistate.warmup_steps=3", "model.moe.capacity=1.0", "model.dropout=0.1",
+                   "training.ckpt_every=4", "--plugins", "moe", "routing", "align"]
+    assert _apt_train(tmp_path, *common_args, steps=6, epochs=3, out="straight") == 0
+    assert _apt_train(tmp_path, *common_args, "--plugin-dir", str(folder), "--plugins", "killer_test",
+                      steps=6, epochs=3, out="killed") == 130
+    assert torch.load(tmp_path / "killed" / "ckpt.pt", weights_only=True)["step"] == ckpt_at
+    argv = ["train", "--out-dir", str(tmp_path / "killed"), "--resume"]
+    assert apt.main(argv) == 130                        # the killer is part of the run's profile: killed again
+    assert apt.main(argv + ["--set", "plugins=[moe, routing, align]"]) == 0
+    a = torch.load(tmp_path / "straight" / "ckpt.pt", weights_only=True)
+    b = torch.load(tmp_path / "killed" / "ckpt.pt", weights_only=True)
+    assert b["step"] == a["step"] == 18 and b["built"] == a["built"] == ["moe"]
+    for key in a["model"]:
+        assert torch.equal(a["model"][key], b["model"][key]), key
+    straight, straight_epochs = _apt_metrics(tmp_path, "straight")
+    killed, killed_epochs = _apt_metrics(tmp_path, "killed")
+    assert [s["step"] for s in killed] == list(range(1, 19))          # no step logged twice
+    assert [s["loss"] for s in killed] == [s["loss"] for s in straight]
+    assert sum("align" in s for s in straight) == align_steps           # all steps after its warm-up
+    assert [e["val_ppl"] for e in killed_epochs] == [e["val_ppl"] for e in straight_epochs]
+    assert apt.main(argv + ["--set", "plugins=[moe, routing, align]"]) == 0   # complete: nothing to do
+    assert torch.load(tmp_path / "killed" / "ckpt.pt", weights_only=True)["step"] == 18
+
+
+def test_apt_bad_hook_results_switch_the_plugin_off(apt_ckpt, caplog):
+    model, profile = apt.load_model(str(apt_ckpt), apt.registry, torch.device("cpu"), [])
+
+    class NoPrompt(apt.Plugin):
+        def on_generation_start(self, generator, prompt):
+            return None
+
+    class BadToken(apt.Plugin):
+        def choose_token(self, generator, logits, sample):
+            return 10_000
+
+    with caplog.at_level("INFO", logger="apt"):
+        gen = apt.Generator(model, [NoPrompt(), BadToken()], torch.device("cpu"), 32)
+        text = gen.generate("alpha", 5, temperature=0)
+    assert gen.tokens == len(text.encode()) == 5 and gen.bus.plugins == []
+    errors = [r.message for r in caplog.records if r.levelname == "ERROR"]
+    assert "raised TypeError in on_generation_start (returned NoneType, expected str)" in errors[0]
+    assert "raised ValueError in choose_token (token 10000 is outside the vocabulary of 257)" in errors[1]
+
+    class StealsCE(apt.Plugin):
+        def loss_terms(self, trainer, x, y, out):
+            return {"ce": out.logits.sum() * 0}
+
+    class FloatTerm(apt.Plugin):
+        def loss_terms(self, trainer, x, y, out):
+            return {"extra": 1.0}
+
+    text_data = apt.TokenData(np.frombuffer(b"abcdefgh" * 200, dtype=np.uint8).astype(np.uint16), 0.1, 32)
+    profile = apt.resolve_profile({"model": {"d_model": 32, "num_heads": 4, "num_layers": 1, "d_ff": 64,
+                                             "block_size": 32}, "training": {"steps_per_epoch": 2}}, apt.registry, "t")
+    trainer = apt.Trainer(profile, apt.registry, [StealsCE(), FloatTerm()], text_data, apt_ckpt.parent / "x",
+                          torch.device("cpu"))
+    trainer.switch_on_due_plugins()
+    metrics = trainer.train_step(*next(text_data.epoch_batches(1, 1, 4, 0)))
+    assert trainer.bus.plugins == [] and set(metrics) >= {"ce", "loss"} and metrics["loss"] == metrics["ce"]
+
+
+def test_apt_refuses_to_overwrite_a_run_without_resume(tmp_path, capsys, one_thread):
+    assert _apt_train(tmp_path, steps=2) == 0
+    before = (tmp_path / "run" / "ckpt.pt").read_bytes()
+    assert _apt_train(tmp_path, steps=2) == 1
+    assert "--resume continues that run" in capsys.readouterr().err
+    assert (tmp_path / "run" / "ckpt.pt").read_bytes() == before
+
+
+def test_apt_schedule_anneals_and_enables():
+    s = apt.Schedule({"enable_moe_at_epoch": 2, "route_temp": {"start": 1.5, "end": 0.8, "by": "epoch"},
+                      "capacity": {"start": 2.0, "end": 1.0, "by": "step"}, "fixed": 0.3}, max_epochs=3,
+                     total_steps=11)
+    assert [s.should_enable_plugin("moe", e) for e in (1, 2, 3)] == [False, True, True]
+    assert s.should_enable_plugin("align", 1)
+    assert [s.value("route_temp", e, 0, 1.0) for e in (1, 2, 3)] == pytest.approx([1.5, 1.15, 0.8])
+    assert [s.value("capacity", 1, st, 0.0) for st in (0, 5, 10, 20)] == pytest.approx([2.0, 1.5, 1.0, 1.0])
+    assert s.value("fixed", 1, 0, 9.0) == 0.3 and s.value("absent", 1, 0, 9.0) == 9.0
+
+
+def test_apt_bistate_align_loss_formula():
+    torch.manual_seed(0)
+    align = apt.BistateAlign({"alpha": 0.3, "beta": 0.5, "tau_align": 0.2})
+    hidden = torch.randn(2, 5, 8, requires_grad=True)
+    emb = torch.randn(11, 8)
+    logits = torch.randn(2, 5, 11)
+    y = torch.randint(0, 11, (2, 5))
+    got = align.compute_align_loss(hidden, logits, y, emb)
+    s = torch.stack([torch.stack([F.cosine_similarity(hidden[b, t][None], emb) for t in range(5)])
+                     for b in range(2)]) / 0.2
+    ce = F.cross_entropy(s.reshape(10, 11), y.reshape(10))
+    p = logits.reshape(10, 11).softmax(-1)
+    kl = (p * (p.log() - s.reshape(10, 11).log_softmax(-1))).sum(-1).mean()
+    assert torch.allclose(got, 0.3 * ce + 0.5 * kl, atol=1e-5)
+    got.backward()
+    assert torch.isfinite(hidden.grad).all() and hidden.grad.abs().sum() > 0
+
+
+def test_apt_registry_built_model_equals_plain_modules():
+    profile = apt.resolve_profile({"model": {"attention_name": "sdpa", "d_model": 32, "num_heads": 4,
+                                             "num_layers": 2, "d_ff": 64, "block_size": 16}}, apt.registry, "t")
+    built = apt.ModelBuilder(profile).build_model()
+    plain = apt.PlainGPT(257, 32, 4, 2, 64, 16)
+    plain.load_state_dict(built.state_dict())
+    x = torch.randint(0, 257, (2, 16))
+    assert torch.allclose(built(x).logits, plain(x), atol=1e-6)
+
+
+def test_apt_sql_dataset_reads_rows_from_postgres(tmp_path, one_thread, capsys):
+    import psycopg2
+    dsn = os.environ.get("ALPHAGPT_TEST_DSN")
+    if not dsn:
+        pytest.skip("ALPHAGPT_TEST_DSN is not set (CI sets it)")
+    table = f"apt_docs_{uuid.uuid4().hex[:8]}"
+    rows = [f"document {i}: " + "lexer parser token " * (i % 7 + 20) for i in range(60)] + [None]
+    with psycopg2.connect(dsn) as conn, conn.cursor() as cur:
+        cur.execute(f"CREATE TABLE {table} (id serial, body text)")
+        cur.executemany(f"INSERT INTO {table} (body) VALUES (%s)", [(r,) for r in rows])
+    try:
+        query = f"SELECT body FROM {table} ORDER BY id"
+        profile = apt.resolve_profile({"data": {"provider": "sql", "dsn": dsn, "query": query}}, apt.registry, "t")
+        tokens = apt.load_tokens(profile, apt.registry)
+        expected = b"".join(r.encode() + b"\x00" for r in rows if r is not None)
+        assert len(tokens) == len(expected) and int((tokens == apt.EOT).sum()) == 60
+        assert bytes(tokens[tokens != apt.EOT].astype(np.uint8)) == expected.replace(b"\x00", b"")
+        argv = ["train", "--out-dir", str(tmp_path / "sql"), "--set", *APT_TINY, "training.steps_per_epoch=3",
+                "training.max_epochs=1", "data.provider=sql", f"data.dsn={dsn}", f"data.query={query}"]
+        assert apt.main(argv) == 0
+        bad = ["train", "--out-dir", str(tmp_path / "bad"), "--set", *APT_TINY, "data.provider=sql",
+               "data.dsn=postgresql://postgres@127.0.0.1:1/none", f"data.query={query}"]
+        assert apt.main(bad) == 1
+        assert "data.dsn: cannot connect to PostgreSQL" in capsys.readouterr().err
+        assert apt.main(argv[:-1] + [f"data.query=SELECT nope FROM {table}", "--out-dir", str(tmp_path / "q")]) == 1
+        assert "data.query failed" in capsys.readouterr().err
+    finally:
+        with psycopg2.connect(dsn) as conn, conn.cursor() as cur:
+            cur.execute(f"DROP TABLE {table}")
+
+
+def test_apt_tiny_debug_runs_from_the_command_line(tmp_path):
+    """The quick start on a fresh machine: `python apt.py train -p tiny_debug` with no data given."""
+    out = subprocess.run([sys.executable, os.path.join(HERE, "apt.py"), "train", "-p", "tiny_debug", "--out-dir",
+                          str(tmp_path / "tiny"), "--set", "training.steps_per_epoch=10"],
+                         capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "epoch 2: plugin moe on" in out.stderr and "epoch 3: plugin align on" in out.stderr
+    assert "epoch 3: val loss" in out.stderr + out.stdout
+    assert (tmp_path / "tiny" / "ckpt.pt").exists()
+
+
+def test_apt_text_and_json_loaders(tmp_path):
+    folder = tmp_path / "corpus"
+    (folder / "sub").mkdir(parents=True)
+    (folder / "a.txt").write_text("plain text ü")
+    (folder / "sub" / "b.jsonl").write_text('{"body": "line one"}\n\n"line two"\n')
+    (folder / "c.json").write_text('[{"body": "json one"}, "json two"]')
+    (folder / "skip.bin").write_bytes(b"\x00\x01")
+    profile = apt.resolve_profile({"data": {"path": str(folder), "text_field": "body"}}, apt.registry, "t")
+    tokens = apt.load_tokens(profile, apt.registry)
+    docs = bytes(t if t < 256 else 10 for t in tokens.tolist()).decode().split("\n")
+    assert docs == ["plain text ü", "json one", "json two", "line one", "line two", ""]
+    (folder / "c.json").write_text('[{"text": "wrong field"}]')
+    with pytest.raises(ValueError, match=r"c.json\[0\]: expected a string or an object with a string 'body' field"):
+        apt.load_tokens(profile, apt.registry)
+
+
+def test_apt_hooks_run_in_profile_order_however_plugins_switched_on(tmp_path):
+    class Late(apt.Plugin):
+        pass
+
+    class Early(apt.Plugin):
+        pass
+
+    apt.registry.register("plugin", "order_late", Late)
+    apt.registry.register("plugin", "order_early", Early)
+    profile = apt.resolve_profile({"plugins": ["order_late", "order_early"], "schedules": {"enable_order_late_at_epoch": 2},
+                                   "model": {"d_model": 32, "num_heads": 4, "num_layers": 1, "d_ff": 64,
+                                             "block_size": 32}, "training": {"steps_per_epoch": 2}}, apt.registry, "t")
+    data = apt.TokenData(np.frombuffer(b"abcdefgh" * 200, dtype=np.uint8).astype(np.uint16), 0.1, 32)
+    straight = apt.Trainer(profile, apt.registry, apt.make_plugins(profile["plugins"], profile, apt.registry), data,
+                           tmp_path, torch.device("cpu"))
+    straight.switch_on_due_plugins()
+    assert [p.name for p in straight.bus.plugins] == ["order_early"]
+    straight.epoch = 2
+    straight.switch_on_due_plugins()
+    assert [p.name for p in straight.bus.plugins] == ["order_late", "order_early"]
