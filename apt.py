@@ -1529,7 +1529,8 @@ class Trainer:
         metrics_log = MetricsLogger(self.out_dir / "metrics.jsonl")
         self.switch_on_due_plugins()
         self.bus.call("on_train_start", self)
-        bar = tqdm(total=self.total_steps, initial=self.step, desc="train", unit="step", dynamic_ncols=True)
+        bar = tqdm(total=self.total_steps, initial=self.step, desc="train", unit="step", dynamic_ncols=True,
+                   mininterval=0.5 if sys.stderr.isatty() else 60.0)   # a log file gets a line a minute
         summary = {}
         try:
             while self.epoch <= c["max_epochs"]:
