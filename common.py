@@ -1,6 +1,6 @@
 """
 Shared plumbing for the single-file systems in this repo (camoe.py, alphagpt.py, ...):
-config dataclasses as command-line flags, device/dtype selection, seeding, benchmark timing, crash-safe
+config dataclasses as command-line flags, device selection, seeding, benchmark timing, crash-safe
 file writes, checkpoint loading, the built-in corpus, the learning-rate schedule, token sampling, JSONL metrics and DDP setup.
 """
 
@@ -54,13 +54,7 @@ def given_flags(args: argparse.Namespace, config_cls: type) -> dict:
     return {f.name: getattr(args, f.name) for f in dataclasses.fields(config_cls) if hasattr(args, f.name)}
 
 # -----------------------------------------------------------------------------
-# device and dtype
-
-_DTYPES = {
-    "float32": torch.float32, "fp32": torch.float32,
-    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-    "float16": torch.float16, "fp16": torch.float16,
-}
+# device
 
 def pick_device(name: str = "auto") -> torch.device:
     """Resolve "auto" (cuda if available, else cpu), "cpu", "cuda" or "cuda:N" to an available device."""
@@ -73,18 +67,6 @@ def pick_device(name: str = "auto") -> torch.device:
     if match[1] == "cuda" and int(match[2] or 0) >= torch.cuda.device_count():
         raise ValueError(f"device {name!r} is not available ({torch.cuda.device_count()} CUDA devices found)")
     return torch.device(name)
-
-def pick_dtype(name: str, device: torch.device | str) -> torch.dtype:
-    """Resolve "auto" (bf16 on a bf16-capable GPU, else fp32) or fp32/bf16/fp16 aliases to a torch.dtype."""
-    device = torch.device(device)
-    if name == "auto":
-        cuda_bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
-        return torch.bfloat16 if cuda_bf16 else torch.float32
-    if name not in _DTYPES:
-        raise ValueError(f"unknown dtype {name!r}: expected 'auto' or one of {sorted(_DTYPES)}")
-    if _DTYPES[name] == torch.float16 and device.type == "cpu":
-        raise ValueError("float16 is not supported on cpu: use bfloat16 or float32")
-    return _DTYPES[name]
 
 # -----------------------------------------------------------------------------
 # seeding

@@ -2,6 +2,7 @@
 import os
 
 os.environ.setdefault("TRITON_INTERPRET", "1")  # Triton kernels run on CPU tensors in the tests; set before import
+os.environ.setdefault("OMP_NUM_THREADS", "1")   # scripts the tests start get one thread too (see below)
 
 import dataclasses
 import io
@@ -22,6 +23,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+# One torch thread per test process: with two, the suite took 60 minutes on a loaded 2-core machine against
+# 3.5 on a quiet one (gradcheck 5 s -> 391 s), and the tiny models here are faster on one even when quiet.
+torch.set_num_threads(1)
+
 import alphagpt as ag
 import apt
 import camoe
@@ -37,20 +42,11 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 # common.py
 
 
-@pytest.fixture
-def one_thread():
-    """Tiny models run faster on one thread, and it keeps a busy machine responsive."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _auto_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-# pick_device / pick_dtype
+# pick_device
 
 def test_pick_device_auto_and_cpu():
     assert common.pick_device() == _auto_device()
@@ -68,20 +64,6 @@ def test_pick_device_cuda_unavailable():
     with pytest.raises(ValueError, match="not available"):
         common.pick_device("cuda")
 
-
-def test_pick_dtype():
-    cpu = torch.device("cpu")
-    assert common.pick_dtype("auto", cpu) == torch.float32
-    assert common.pick_dtype("fp32", "cpu") == torch.float32
-    assert common.pick_dtype("float32", cpu) == torch.float32
-    assert common.pick_dtype("bf16", cpu) == torch.bfloat16
-    assert common.pick_dtype("bfloat16", cpu) == torch.bfloat16
-    for bad in ("fp16", "float16", "float64", "half", ""):
-        with pytest.raises(ValueError):
-            common.pick_dtype(bad, cpu)
-
-
-# seed_everything
 
 def test_seed_everything_reproducible():
     def draws(seed):
@@ -884,7 +866,7 @@ def test_tiny_tokenizer_unicode_and_vocab_file():
             tiny.DynamicTokenizer.from_json(bad)
 
 
-def test_tiny_teach_sentence_then_greedy_gen_completes_it(tmp_path, one_thread):
+def test_tiny_teach_sentence_then_greedy_gen_completes_it(tmp_path):
     learner = tiny.OnlineLearner(_tiny_config(), tmp_path / "data")
     sentence = "the quick brown fox jumps over the lazy dog"
     losses = [learner.learn_line(sentence) for _ in range(5)]
@@ -893,7 +875,7 @@ def test_tiny_teach_sentence_then_greedy_gen_completes_it(tmp_path, one_thread):
     assert learner.generate("the quick", temperature=0.0, use_cache=False) == sentence
 
 
-def test_tiny_train_command_appends_a_whole_file_then_trains(tmp_path, one_thread):
+def test_tiny_train_command_appends_a_whole_file_then_trains(tmp_path):
     learner = tiny.OnlineLearner(_tiny_config(steps=3), tmp_path / "data")
     book = tmp_path / "book.txt"
     book.write_text("".join(f"line {i}: día ☀\n" for i in range(300)) + "no newline at the end", encoding="utf-8")
@@ -908,7 +890,7 @@ def test_tiny_train_command_appends_a_whole_file_then_trains(tmp_path, one_threa
     assert (tmp_path / "data" / "training_data.bin").read_text(encoding="utf-8") == history
 
 
-def test_tiny_vocab_growth_keeps_known_logits_and_keeps_training_embedding(tmp_path, one_thread):
+def test_tiny_vocab_growth_keeps_known_logits_and_keeps_training_embedding(tmp_path):
     learner = tiny.OnlineLearner(_tiny_config(), tmp_path / "data")
     learner.learn_line("abc abc cab")
     emb = learner.model.tok_emb.weight
@@ -944,7 +926,7 @@ def test_tiny_vocab_growth_keeps_known_logits_and_keeps_training_embedding(tmp_p
     assert learner.ema.model.vocab_size == new_vocab
 
 
-def test_tiny_kv_cache_generation_matches_full_recompute(one_thread):
+def test_tiny_kv_cache_generation_matches_full_recompute():
     torch.manual_seed(0)
     config = _tiny_config(context=16)
     model = tiny.TinyGPT(config, vocab_size=30).eval()
@@ -1052,7 +1034,7 @@ def test_tiny_replay_reads_bounded_memory_on_a_200mb_history(tmp_path):
     path.unlink()
 
 
-def test_tiny_save_load_resumes_exactly_and_rejects_bad_checkpoints(tmp_path, one_thread):
+def test_tiny_save_load_resumes_exactly_and_rejects_bad_checkpoints(tmp_path):
     config = _tiny_config(temperature=1.0, top_p=1.0)
     a = tiny.OnlineLearner(config, tmp_path / "data")
     for line in ("hello there", "general kenobi", "hello kenobi"):
@@ -1087,7 +1069,7 @@ def test_tiny_save_load_resumes_exactly_and_rejects_bad_checkpoints(tmp_path, on
     assert all(torch.equal(before[k], v) for k, v in b.model.state_dict().items())
 
 
-def test_tiny_training_autosaves_every_n_steps(tmp_path, one_thread):
+def test_tiny_training_autosaves_every_n_steps(tmp_path):
     a = tiny.OnlineLearner(_tiny_config(steps=7, autosave_every=3), tmp_path / "data")
     a.learn_line("hello there")                                    # steps 1..7: autosaves at 3 and 6
     assert a.step == 7 and a.saved_step == 6
@@ -1103,7 +1085,7 @@ def test_tiny_training_autosaves_every_n_steps(tmp_path, one_thread):
     assert not off.checkpoint_path.exists()
 
 
-def test_tiny_checkpoint_with_a_different_vocabulary_loads(tmp_path, one_thread):
+def test_tiny_checkpoint_with_a_different_vocabulary_loads(tmp_path):
     a = tiny.OnlineLearner(_tiny_config(), tmp_path / "a")
     for _ in range(5):
         a.learn_line("the cat sat on the mat")
@@ -1320,7 +1302,7 @@ def test_ag_vm_rejects_invalid_formulas_and_renders_infix():
         vocab.encode(["RET", "NOT_A_TOKEN"])
 
 
-def test_ag_batched_vm_and_backtest_equal_the_per_formula_path(one_thread):
+def test_ag_batched_vm_and_backtest_equal_the_per_formula_path():
     frame, _ = ag.clean_market(ag.synthetic_market(6, 160, seed=3))
     engine = ag.AlphaEngine(ag.AlphaConfig(eval_chunk=37, device="cpu"), frame)
     vocab, data = engine.vocab, engine.train_data
@@ -1419,7 +1401,7 @@ def test_ag_features_use_no_future_data():
         assert a.target[:, -2:].abs().max() == 0
 
 
-def test_ag_grammar_mask_makes_every_sample_executable(one_thread):
+def test_ag_grammar_mask_makes_every_sample_executable():
     cfg = ag.AlphaConfig(max_formula_len=7)
     vocab, vm = _ag_vm()
     model = ag.AlphaGPT(cfg, vocab)
@@ -1437,7 +1419,7 @@ def test_ag_grammar_mask_makes_every_sample_executable(one_thread):
     assert first[: vocab.n_feat].all() and not first[vocab.n_feat:].any()
 
 
-def test_ag_stable_rank_lord_and_policy_gradient_reach_every_part(one_thread):
+def test_ag_stable_rank_lord_and_policy_gradient_reach_every_part():
     W = torch.diag(torch.tensor([3.0, 1.0, 1.0]))
     monitor = ag.StableRankMonitor([("blocks.layers.0.attn.qkv.weight", torch.nn.Parameter(W))])
     assert monitor.compute() == pytest.approx(11 / 9)
@@ -1462,7 +1444,7 @@ def test_ag_stable_rank_lord_and_policy_gradient_reach_every_part(one_thread):
                                              engine.model.named_parameters() if id(p) in targeted)
 
 
-def test_ag_training_beats_random_formulas_out_of_sample(one_thread):
+def test_ag_training_beats_random_formulas_out_of_sample():
     """Seeded, small, CPU: on the synthetic market with its planted signal, the searched formula's held-out
     score beats the 95th percentile of random valid formulas' held-out scores, and the trained policy's own
     samples beat that percentile far more often than the 5% random formulas do."""
@@ -1558,7 +1540,7 @@ def test_ag_advantages_seed_form_and_risk_seeking():
                                torch.tensor([0.0, 0.0, 0.0, 1.0, 3.0]) / (rewards.std() + 1e-5))
 
 
-def test_ag_edge_data_single_token_all_nan_token_short_series_negative_liquidity(one_thread):
+def test_ag_edge_data_single_token_all_nan_token_short_series_negative_liquidity():
     frame = ag.synthetic_market(3, 45, seed=0)                           # 45 bars: shorter than the 60-bar norm
     frame.values[:, 1] = np.nan                                          # a token with no data at all
     frame.values[ag.FIELDS.index("liquidity"), 2, 10:20] = -1.0           # negative liquidity = missing
@@ -1769,7 +1751,7 @@ def _reference_forward(model, x):
 
 
 @pytest.mark.parametrize("task", ["parity", "maze"])
-def test_ctm_forward_equals_the_reference_formulation(task, one_thread):
+def test_ctm_forward_equals_the_reference_formulation(task):
     cfg = _ctm_cfg(task=task)
     model = _ctm_with_decays(cfg)
     x, _ = ctm.task_batch(cfg, range(5), torch.device("cpu"))
@@ -1782,7 +1764,7 @@ def test_ctm_forward_equals_the_reference_formulation(task, one_thread):
 
 
 @pytest.mark.parametrize("learned", [True, False])
-def test_ctm_two_tick_unit_reproduces_the_long_forward_exactly(learned, one_thread):
+def test_ctm_two_tick_unit_reproduces_the_long_forward_exactly(learned):
     cfg = _ctm_cfg()
     unit = _ctm_with_decays(cfg).unit
     kv = torch.randn(4, cfg.n_kv, cfg.d_input)
@@ -1796,7 +1778,7 @@ def test_ctm_two_tick_unit_reproduces_the_long_forward_exactly(learned, one_thre
                 assert torch.equal(getattr(s, name), getattr(long[2 * k + 1], name)), (k, name)
 
 
-def test_ctm_state_parts_beta_is_data_free_and_o_is_not_read(one_thread):
+def test_ctm_state_parts_beta_is_data_free_and_o_is_not_read():
     cfg = _ctm_cfg()
     unit = _ctm_with_decays(cfg).unit
     kv = torch.randn(3, cfg.n_kv, cfg.d_input)
@@ -2030,8 +2012,7 @@ def _ctm_weights(tmp_path, cfg, run):
 
 
 @pytest.mark.parametrize("workers,io_threads", [(1, 1), (3, 2)])
-def test_ctm_threaded_pipeline_writes_exactly_what_the_serial_loop_writes(tmp_path, workers, io_threads, monkeypatch,
-                                                                          one_thread):
+def test_ctm_threaded_pipeline_writes_exactly_what_the_serial_loop_writes(tmp_path, workers, io_threads, monkeypatch):
     cfg = _ctm_cfg()
     run = _ctm_run(tmp_path, workers=workers, io_threads=io_threads, queue_size=1, pool_random=2, val_fraction=0.001,
                    gen_batch_size=12, gen_ticks=40)
@@ -2062,7 +2043,7 @@ def test_ctm_threaded_pipeline_writes_exactly_what_the_serial_loop_writes(tmp_pa
         assert torch.allclose(getattr(again, name), getattr(pairs.after, name)[rows], atol=1e-5), name
 
 
-def test_ctm_pairs_go_to_the_buffer_of_their_weights(tmp_path, one_thread):
+def test_ctm_pairs_go_to_the_buffer_of_their_weights(tmp_path):
     cfg = _ctm_cfg()
     run = _ctm_run(tmp_path, gen_ticks=10)
     weights = _ctm_weights(tmp_path, cfg, run)
@@ -2079,7 +2060,7 @@ def test_ctm_pairs_go_to_the_buffer_of_their_weights(tmp_path, one_thread):
 
 
 @pytest.mark.parametrize("where", ["filter", "writer"])
-def test_ctm_a_failing_thread_stops_the_pipeline_with_its_error(tmp_path, monkeypatch, where, one_thread):
+def test_ctm_a_failing_thread_stops_the_pipeline_with_its_error(tmp_path, monkeypatch, where):
     cfg = _ctm_cfg()
     run = _ctm_run(tmp_path, workers=2, io_threads=2, queue_size=1, gen_ticks=60)
     weights = _ctm_weights(tmp_path, cfg, run)
@@ -2138,7 +2119,7 @@ def _ctm_argv(tmp_path, *flags):
             "--gen-batches", "2", "--chunk-ticks", "4", "--batch-size", "8", "--eval-samples", "32", *flags]
 
 
-def test_ctm_pretrain_learns_parity_and_a_killed_run_resumes_exactly(tmp_path, monkeypatch, one_thread):
+def test_ctm_pretrain_learns_parity_and_a_killed_run_resumes_exactly(tmp_path, monkeypatch):
     cfg = _ctm_cfg(parity_len=4)
     run = _ctm_run(tmp_path / "straight", iters=120, warmup=10, lr=3e-3, eval_every=60, eval_samples=256,
                    save_every=10, pool_every=60)
@@ -2165,13 +2146,13 @@ def test_ctm_pretrain_learns_parity_and_a_killed_run_resumes_exactly(tmp_path, m
 
 
 @pytest.mark.parametrize("task", ["parity", "maze"])
-def test_ctm_debug_step_cli_passes_every_check(tmp_path, capsys, task, one_thread):
+def test_ctm_debug_step_cli_passes_every_check(tmp_path, capsys, task):
     ctm.main(_ctm_argv(tmp_path, "--debug-step", "--task", task))
     out = capsys.readouterr().out
     assert "all checks passed" in out and out.count("[ok]") == 7 and "FAILED" not in out
 
 
-def test_ctm_generate_cli_reports_yield_and_fills_the_buffer(tmp_path, capsys, one_thread):
+def test_ctm_generate_cli_reports_yield_and_fills_the_buffer(tmp_path, capsys):
     ctm.main(_ctm_argv(tmp_path, "--generate", "--filter", "strict"))
     out = capsys.readouterr().out
     assert "random backbone" in out and "where the strict pairs start" in out
@@ -2207,7 +2188,7 @@ def test_ctm_bad_flags_are_one_error_line(tmp_path, capsys, flags, expect):
     assert len([l for l in message.strip().splitlines() if "error" in l]) == 1
 
 
-def test_ctm_bad_files_and_out_dirs_are_one_error_line(tmp_path, capsys, one_thread):
+def test_ctm_bad_files_and_out_dirs_are_one_error_line(tmp_path, capsys):
     def fails(*flags, out=tmp_path):
         with pytest.raises(SystemExit) as exit_info:
             ctm.main(_ctm_argv(out, *flags))
@@ -2236,7 +2217,7 @@ def test_ctm_bad_files_and_out_dirs_are_one_error_line(tmp_path, capsys, one_thr
     capsys.readouterr()
 
 
-def test_ctm_bench_compares_pipeline_and_streaming_in_one_run(tmp_path, capsys, one_thread):
+def test_ctm_bench_compares_pipeline_and_streaming_in_one_run(tmp_path, capsys):
     ctm.main(_ctm_argv(tmp_path, "--bench", "--bench-repeat", "1"))
     out = capsys.readouterr().out
     assert "threaded / serial" in out and "same pairs: True" in out and "peak memory" in out
@@ -2248,7 +2229,7 @@ CTM_LOOP = ["--cycles", "2", "--cohort", "2", "--train-steps", "8", "--train-bat
             "--onm-steps", "10"]
 
 
-def test_ctm_loop_runs_two_cycles_end_to_end_with_the_files_where_the_seed_puts_them(tmp_path, capsys, one_thread):
+def test_ctm_loop_runs_two_cycles_end_to_end_with_the_files_where_the_seed_puts_them(tmp_path, capsys):
     ctm.main(_ctm_argv(tmp_path, *CTM_LOOP, "--onm"))
     out = capsys.readouterr().out
     assert "base CTM pretrain-it30" in out and "promotions:" in out
@@ -2279,7 +2260,7 @@ def _ctm_all_zero_parity_ids(cfg, buffer, n):
     return ids[buffer.is_validation(ids)][:n]
 
 
-def test_ctm_tournament_promotes_a_planted_better_challenger_and_not_a_worse_one(tmp_path, one_thread):
+def test_ctm_tournament_promotes_a_planted_better_challenger_and_not_a_worse_one(tmp_path):
     cfg = _ctm_cfg(parity_len=4)
     run = _ctm_run(tmp_path, val_pairs=64, cycles=3)
     weights = ctm.WeightManager(tmp_path, cfg)
@@ -2351,7 +2332,7 @@ def test_ctm_loop_killed_mid_cycle_resumes_and_loses_no_stored_pair(tmp_path):
     assert not list(tmp_path.rglob("*.tmp")) and not list(tmp_path.rglob("*.corrupt"))
 
 
-def test_ctm_a_restarted_generation_phase_draws_new_data(tmp_path, one_thread):
+def test_ctm_a_restarted_generation_phase_draws_new_data(tmp_path):
     cfg = _ctm_cfg()
     run = _ctm_run(tmp_path, gen_batches=2, gen_ticks=20, val_fraction=0.001)
     trainer = ctm.MasterTrainer(cfg, run, torch.device("cpu"))
@@ -2363,7 +2344,7 @@ def test_ctm_a_restarted_generation_phase_draws_new_data(tmp_path, one_thread):
     assert len(keys) == first + second > 0 and len(set(keys)) == len(keys)
 
 
-def test_ctm_until_confident_decoding_stops_each_sample_at_its_certainty(tmp_path, one_thread):
+def test_ctm_until_confident_decoding_stops_each_sample_at_its_certainty(tmp_path):
     cfg = _ctm_cfg()
     unit, backbone = _ctm_with_decays(cfg).unit.eval(), ctm.Backbone(cfg).eval()
     run = _ctm_run(tmp_path, task_samples=40, task_budget=10, tick_cap=10)
@@ -2388,7 +2369,7 @@ def test_ctm_until_confident_decoding_stops_each_sample_at_its_certainty(tmp_pat
     assert some["ticks_confident"] == pytest.approx(first.mean().item()) and some["ticks_confident"] < 10
 
 
-def test_ctm_optic_nerve_model_offline_training_lowers_its_held_out_loss(tmp_path, capsys, one_thread):
+def test_ctm_optic_nerve_model_offline_training_lowers_its_held_out_loss(tmp_path, capsys):
     flags = ("--parity-len", "4", "--val-fraction", "0.3", "--gen-ticks", "30", "--gen-batch-size", "12")
     ctm.main(_ctm_argv(tmp_path, "--pretrain", *flags, "--iters", "150", "--lr", "3e-3", "--warmup", "10",
                        "--batch-size", "16"))
@@ -2520,7 +2501,7 @@ def test_apt_plugin_list_shows_the_registry(capsys):
         assert re.search(rf"^\s+{plugin}\s", out, re.M), plugin
 
 
-def test_apt_base_profile_trains_without_plugins(tmp_path, one_thread):
+def test_apt_base_profile_trains_without_plugins(tmp_path):
     """Stage 1: `train -p base` runs on the core alone (TVA attention, default FFN) and learns."""
     assert _apt_train(tmp_path, "training.lr=3e-3", steps=40) == 0
     steps, epochs = _apt_metrics(tmp_path)
@@ -2534,7 +2515,7 @@ def test_apt_base_profile_trains_without_plugins(tmp_path, one_thread):
     assert any(k.endswith("attn.V") for k in ckpt["model"]) and not any("experts" in k for k in ckpt["model"])
 
 
-def test_apt_gpt5_profile_switches_moe_at_2_and_align_at_3(tmp_path, one_thread):
+def test_apt_gpt5_profile_switches_moe_at_2_and_align_at_3(tmp_path):
     """Stage 2: the profile loads MoE, align and routing; MoE joins at epoch 2, align at epoch 3, the route
     temperature goes 1.5 -> 0.8 over the epochs."""
     assert _apt_train(tmp_path, "model.bistate.warmup_steps=1", "model.dropout=0.0", "model.moe.experts=4",
@@ -2571,7 +2552,7 @@ def register(registry):
 '''
 
 
-def test_apt_third_party_plugin_from_folder_raising_in_step_end(tmp_path, caplog, one_thread):
+def test_apt_third_party_plugin_from_folder_raising_in_step_end(tmp_path, caplog):
     """A plugin file from a folder runs; when it raises in on_step_end it is switched off with one log line
     and training finishes; a plugin file that fails to import is skipped with one line."""
     folder = tmp_path / "plugins"
@@ -2738,7 +2719,7 @@ def test_apt_moe_capacity_drops_are_counted_and_kept_tokens_are_exact():
     assert moe.dropped == 0
 
 
-def test_apt_flash_attn_plugin_falls_back_to_tva(tmp_path, caplog, one_thread):
+def test_apt_flash_attn_plugin_falls_back_to_tva(tmp_path, caplog):
     """Stage 3: `--plugins flash_attn` uses flash_v2 where flash_attn imports, else TVA with one warning."""
     with caplog.at_level("WARNING", logger="apt"):
         assert _apt_train(tmp_path, "--plugins", "flash_attn", steps=2) == 0
@@ -2756,11 +2737,7 @@ def test_apt_flash_attn_plugin_falls_back_to_tva(tmp_path, caplog, one_thread):
 @pytest.fixture(scope="module")
 def apt_ckpt(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("apt_ckpt")
-    torch.set_num_threads(1)
-    try:
-        assert _apt_train(tmp, "training.lr=3e-3", steps=40) == 0
-    finally:
-        torch.set_num_threads(2)
+    assert _apt_train(tmp, "training.lr=3e-3", steps=40) == 0
     return tmp / "run" / "ckpt.pt"
 
 
@@ -2844,7 +2821,7 @@ def test_apt_quant_plugin_reports_the_perplexity_change(apt_ckpt, caplog):
 
 
 @pytest.mark.parametrize("kill_at, ckpt_at, align_epoch, align_steps", [(10, 8, 1, 15), (7, 6, 2, 9)])
-def test_apt_resume_continues_exactly_where_it_stopped(tmp_path, one_thread, kill_at, ckpt_at, align_epoch,
+def test_apt_resume_continues_exactly_where_it_stopped(tmp_path, kill_at, ckpt_at, align_epoch,
                                                        align_steps):
     """Killed mid-epoch 2 (checkpoint at step 8, step 9 already logged; align on since epoch 1, MoE since 2)
     or at the start of epoch 2 (checkpoint at the end of epoch 1, MoE and align still pending), then resumed:
@@ -2917,7 +2894,7 @@ def test_apt_bad_hook_results_switch_the_plugin_off(apt_ckpt, caplog):
     assert trainer.bus.plugins == [] and set(metrics) >= {"ce", "loss"} and metrics["loss"] == metrics["ce"]
 
 
-def test_apt_refuses_to_overwrite_a_run_without_resume(tmp_path, capsys, one_thread):
+def test_apt_refuses_to_overwrite_a_run_without_resume(tmp_path, capsys):
     assert _apt_train(tmp_path, steps=2) == 0
     before = (tmp_path / "run" / "ckpt.pt").read_bytes()
     assert _apt_train(tmp_path, steps=2) == 1
@@ -2964,7 +2941,7 @@ def test_apt_registry_built_model_equals_plain_modules():
     assert torch.allclose(built(x).logits, plain(x), atol=1e-6)
 
 
-def test_apt_sql_dataset_reads_rows_from_postgres(tmp_path, one_thread, capsys):
+def test_apt_sql_dataset_reads_rows_from_postgres(tmp_path, capsys):
     import psycopg2
     dsn = os.environ.get("ALPHAGPT_TEST_DSN")
     if not dsn:
