@@ -40,7 +40,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from common import atomic_save, atomic_write_bytes, load_checkpoint, pick_device, seed_everything, time_calls
+from common import (add_config_flags, atomic_save, atomic_write_bytes, given_flags, load_checkpoint, pick_device,
+                    seed_everything, time_calls)
 
 # -----------------------------------------------------------------------------
 # config
@@ -1399,15 +1400,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--resume", action="store_true", help="continue from OUT_DIR/ckpt.pt (flags given now "
                         "override the checkpoint's config; its DSN is stored without the password, so give --db "
                         "again if the database needs one)")
-    defaults = AlphaConfig()
-    for f in dataclasses.fields(AlphaConfig):
-        flag = "--" + f.name.replace("_", "-")
-        help_text = f"{FIELD_HELP[f.name]} (default: {getattr(defaults, f.name)!r})"
-        if f.type is bool:
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=help_text)
-        else:
-            parser.add_argument(flag, type=f.type, default=None, help=help_text,
-                                choices=sorted(FACTOR_SETS) if f.name == "factors" else None)
+    add_config_flags(parser, AlphaConfig, helps=FIELD_HELP, choices={"factors": sorted(FACTOR_SETS)})
     return parser
 
 
@@ -1481,8 +1474,7 @@ def train(cfg: AlphaConfig, explicit: dict, resume: bool) -> dict:
 
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
-    explicit = {f.name: getattr(args, f.name) for f in dataclasses.fields(AlphaConfig)
-                if getattr(args, f.name) is not None}
+    explicit = given_flags(args, AlphaConfig)
     db_errors: tuple = ()
     try:
         import psycopg2

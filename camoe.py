@@ -40,8 +40,8 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
-from common import (MetricsLogger, atomic_save, atomic_write, builtin_corpus_files, cleanup_ddp, load_checkpoint,
-                    pick_device, seed_everything, setup_ddp, time_calls)
+from common import (MetricsLogger, add_config_flags, atomic_save, atomic_write, builtin_corpus_files, cleanup_ddp, load_checkpoint,
+                    given_flags, pick_device, seed_everything, setup_ddp, time_calls)
 from rwkv7_kernel import wkv7
 
 # -----------------------------------------------------------------------------
@@ -1276,28 +1276,16 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--bench", action="store_true", help="print training tokens/s of market vs softmax vs "
                         "dense and exit")
     parser.add_argument("--bench-steps", type=int, default=5, help="timed steps per router in --bench (default 5)")
-    defaults = CaMoEConfig()
-    for f in dataclasses.fields(CaMoEConfig):
-        flag = "--" + f.name.replace("_", "-")
-        default = getattr(defaults, f.name)
-        help_text = f"{FIELD_HELP[f.name]} (0.4b: {default})"
-        if f.name == "size":
-            parser.add_argument(flag, choices=list(SIZES), default="0.4b", help=FIELD_HELP[f.name])
-        elif f.type is bool:
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=help_text)
-        elif f.name in ("data_roots", "mix"):
-            parser.add_argument(flag, nargs="+", type=float if f.name == "mix" else str, default=None, help=help_text)
-        else:
-            parser.add_argument(flag, type=f.type, default=None, help=help_text,
-                                choices=["market", "softmax", "dense"] if f.name == "router" else None)
+    add_config_flags(parser, CaMoEConfig, helps=FIELD_HELP, label="0.4b",
+                     choices={"size": list(SIZES), "router": ["market", "softmax", "dense"]})
     return parser
 
 
 def config_from_args(args: argparse.Namespace) -> tuple[CaMoEConfig, dict]:
     """The size preset, then every flag given explicitly; returns (config, the explicit flags)."""
-    explicit = {f.name: getattr(args, f.name) for f in dataclasses.fields(CaMoEConfig)
-                if f.name != "size" and getattr(args, f.name) is not None}
-    cfg = dataclasses.replace(CaMoEConfig(size=args.size, **SIZES[args.size]), **explicit)
+    explicit = given_flags(args, CaMoEConfig)
+    size = explicit.pop("size", "0.4b")
+    cfg = dataclasses.replace(CaMoEConfig(size=size, **SIZES[size]), **explicit)
     return cfg, explicit
 
 

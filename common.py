@@ -16,6 +16,7 @@ import re
 import sysconfig
 import tempfile
 import time
+import typing
 import warnings
 from pathlib import Path
 from typing import BinaryIO, Callable, TypeVar
@@ -35,19 +36,30 @@ def config_field(default: object, help: str, choices: tuple | None = None) -> ob
     """A dataclass field whose help text (and choices) add_config_flags turns into a flag."""
     return dataclasses.field(default=default, metadata={"help": help, "choices": choices})
 
-def add_config_flags(parser: argparse.ArgumentParser, config_cls: type) -> None:
-    """One --field-name flag per field of config_cls (made with config_field); bools get --x/--no-x.
-    Flags the user does not give are absent from the parsed namespace (see given_flags)."""
+def add_config_flags(parser: argparse.ArgumentParser, config_cls: type, helps: dict[str, str] | None = None,
+                     choices: dict[str, list] | None = None, shown: object | None = None,
+                     label: str = "default") -> None:
+    """One --field-name flag per field of config_cls. The help text is helps[name], or the field's own (made
+    with config_field), followed by "(label: value)" from shown (default: config_cls()). Bools get --x/--no-x,
+    list fields take one or more values, choices come from choices[name] or config_field. Flags the user does
+    not give are absent from the parsed namespace (see given_flags)."""
+    shown = config_cls() if shown is None else shown
     for f in dataclasses.fields(config_cls):
         flag = "--" + f.name.replace("_", "-")
-        help_text = f"{f.metadata['help']} (default: {f.default})"
-        if isinstance(f.default, bool):
+        default = getattr(shown, f.name)
+        help_text = f"{helps[f.name] if helps else f.metadata['help']} ({label}: {default})"
+        kind = f.type if isinstance(f.type, type) else type(default)     # string annotations: the default's type
+        if isinstance(default, bool):
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS,
                                 help=help_text)
+        elif isinstance(default, list):
+            args = typing.get_args(f.type) if not isinstance(f.type, str) else ()
+            parser.add_argument(flag, nargs="+", type=args[0] if args else str, default=argparse.SUPPRESS,
+                                metavar=f.name.upper(), help=help_text)
         else:
-            choices = f.metadata["choices"]
-            parser.add_argument(flag, type=type(f.default), choices=choices, default=argparse.SUPPRESS,
-                                metavar=None if choices else f.name.upper(), help=help_text)
+            options = (choices or {}).get(f.name) or f.metadata.get("choices")
+            parser.add_argument(flag, type=kind, choices=options, default=argparse.SUPPRESS,
+                                metavar=None if options else f.name.upper(), help=help_text)
 
 def given_flags(args: argparse.Namespace, config_cls: type) -> dict:
     """The fields of config_cls that were given on the command line, by name."""

@@ -42,6 +42,34 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 # common.py
 
 
+@dataclasses.dataclass
+class _FlagConfig:
+    lr: float = 1                                       # an int default on a float field
+    steps: int = 10
+    name: str = "a"
+    mode: str = "x"
+    compile: bool = False
+    mix: list[float] = dataclasses.field(default_factory=list)
+    roots: list[str] = dataclasses.field(default_factory=list)
+
+
+def test_add_config_flags_types_choices_lists_and_given_only():
+    import argparse
+    parser = argparse.ArgumentParser()
+    common.add_config_flags(parser, _FlagConfig, helps={f.name: f.name for f in dataclasses.fields(_FlagConfig)},
+                            choices={"mode": ["x", "y"]})
+    args = parser.parse_args(["--lr", "3e-4", "--mix", "0.5", "2", "--roots", "a", "b", "--no-compile"])
+    assert common.given_flags(args, _FlagConfig) == {"lr": 3e-4, "mix": [0.5, 2.0], "roots": ["a", "b"],
+                                                     "compile": False}
+    assert common.given_flags(parser.parse_args([]), _FlagConfig) == {}
+    assert common.given_flags(parser.parse_args(["--compile", "--mode", "y"]), _FlagConfig) == \
+        {"compile": True, "mode": "y"}
+    for bad in (["--mode", "z"], ["--steps", "1.5"], ["--mix"]):
+        with pytest.raises(SystemExit):
+            parser.parse_args(bad)
+    assert "(default: 10)" in parser.format_help()
+
+
 def _auto_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 

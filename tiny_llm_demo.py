@@ -65,8 +65,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from common import (atomic_save, atomic_write_bytes, cosine_lr, load_checkpoint, pick_device, sample_next,
-                    time_calls)
+from common import (add_config_flags, atomic_save, atomic_write_bytes, cosine_lr, given_flags, load_checkpoint,
+                    pick_device, sample_next, time_calls)
 
 # -----------------------------------------------------------------------------
 # configuration
@@ -947,17 +947,14 @@ def build_parser() -> argparse.ArgumentParser:
                         help="CPU threads for torch; 0 keeps torch's default (use 1 on a busy machine)")
     parser.add_argument("--load-txt", metavar="FILE", help="learn FILE line by line, save, and exit")
     parser.add_argument("--bench", action="store_true", help="print timings of training, generation and replay, then exit")
-    for f in dataclasses.fields(TinyConfig):
-        # SUPPRESS: only flags actually given override a resumed checkpoint's settings
-        parser.add_argument("--" + f.name.replace("_", "-"), type=type(f.default), default=argparse.SUPPRESS,
-                            metavar=f.name.upper(), help=f"{f.metadata['help']} (default: {f.default})")
+    add_config_flags(parser, TinyConfig)            # only flags actually given override a resumed checkpoint
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    overrides = {f.name: getattr(args, f.name) for f in dataclasses.fields(TinyConfig) if hasattr(args, f.name)}
+    overrides = given_flags(args, TinyConfig)
     try:
         config = TinyConfig(**overrides)
         config.check()
