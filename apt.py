@@ -49,8 +49,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from common import (MetricsLogger, atomic_save, atomic_write_bytes, builtin_corpus_files, cosine_lr, pick_device,
-                    read_checkpoint, sample_next, seed_everything, time_calls)
+from common import (MetricsLogger, atomic_save, atomic_write_bytes, bf16_autocast, builtin_corpus_files, cosine_lr,
+                    pick_device, read_checkpoint, sample_next, seed_everything, time_calls)
 
 sys.modules.setdefault("apt", sys.modules[__name__])  # a plugin's `import apt` gets this module, not a second copy
 
@@ -407,7 +407,8 @@ def check_schedules(schedules: dict, reg: Registry) -> None:
         if (match := re.fullmatch(r"enable_(\w+)_at_epoch", str(key))) is not None:
             if match[1] not in plugins:
                 near = difflib.get_close_matches(match[1], plugins, n=1)
-                raise ProfileError(f"{where}: no plugin named {match[1]!r}" + (f" (did you mean {near[0]!r}?)" if near else ""))
+                hint = f" (did you mean {near[0]!r}?)" if near else ""
+                raise ProfileError(f"{where}: no plugin named {match[1]!r}{hint}")
             if type(value) is not int or value < 1:
                 raise ProfileError(f"{where} must be an epoch number >= 1 (epochs count from 1), got {value!r}")
         elif key in annealable:
@@ -902,7 +903,8 @@ class SQLDataset(DatasetProvider):
         try:
             conn = psycopg2.connect(dsn, connect_timeout=5)
         except psycopg2.Error as exc:
-            raise ConnectionError(f"data.dsn: cannot connect to PostgreSQL ({str(exc).strip().splitlines()[0]})") from None
+            reason = str(exc).strip().splitlines()[0]
+            raise ConnectionError(f"data.dsn: cannot connect to PostgreSQL ({reason})") from None
         try:
             with conn, conn.cursor(name="apt_documents") as cur:
                 cur.itersize = 1000
@@ -997,9 +999,11 @@ class Plugin(Provider):
     def on_epoch_end(self, trainer: Trainer, epoch: int, metrics: dict) -> None: ...
     def on_train_end(self, trainer: Trainer) -> None: ...
     def on_generation_start(self, generator: Generator, prompt: str) -> str: return prompt
-    def choose_token(self, generator: Generator, logits: torch.Tensor, sample: Callable[[], int]) -> int | None: return None
+    def choose_token(self, generator: Generator, logits: torch.Tensor,
+                     sample: Callable[[], int]) -> int | None: return None
     def on_generation_end(self, generator: Generator, text: str) -> None: ...
-    def prepare_inference(self, model: nn.Module, evaluate: Callable[[nn.Module], float] | None) -> nn.Module: return model
+    def prepare_inference(self, model: nn.Module,
+                          evaluate: Callable[[nn.Module], float] | None) -> nn.Module: return model
     def state_dict(self) -> dict: return {}
     def load_state_dict(self, state: dict) -> None: ...
 
@@ -1406,8 +1410,6 @@ class Trainer:
         self.built: list[str] = []                     # plugins that changed the model, in order
         self._has_built: set[Plugin] = set()
         self.epoch, self.epoch_step, self.step = 1, 0, 0
-        self.autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda"
-                         else torch.autocast("cpu", enabled=False))
 
     # ---- plugins switching on
 
@@ -1492,7 +1494,7 @@ class Trainer:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
-        with self.autocast:
+        with bf16_autocast(self.device):
             out = self.model(x)
         terms = {"ce": F.cross_entropy(out.logits.float().flatten(0, 1), y.flatten())}
 
@@ -1832,11 +1834,13 @@ def add_run_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default=None,
                         help="auto, cpu, cuda or cuda:N (default: the profile's training.device)")
     parser.add_argument("--strict", action="store_true",
-                        help="refuse, instead of falling back to the default, a provider or plugin that is not registered")
+                        help="refuse, instead of falling back to the default, a provider or plugin that is not "
+                             "registered")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="apt.py", description=HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(prog="apt.py", description=HELP,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--bench", action="store_true",
                         help="time a training step: registry-built vs plain modules, TVA vs sdpa, MoE vs dense")
     parser.add_argument("--bench-steps", type=int, default=10, help="timed steps per round in --bench (default 10)")
@@ -2060,7 +2064,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.command is None:
             parser.print_help()
             return 2
-        return {"train": cmd_train, "eval": cmd_eval, "generate": cmd_generate, "plugin": cmd_plugin}[args.command](args)
+        commands = {"train": cmd_train, "eval": cmd_eval, "generate": cmd_generate, "plugin": cmd_plugin}
+        return commands[args.command](args)
     except (ValueError, OSError, FloatingPointError, ConnectionError) as exc:
         print(f"apt.py: error: {exc}", file=sys.stderr)
         return 1

@@ -40,8 +40,8 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
-from common import (MetricsLogger, add_config_flags, atomic_save, atomic_write, builtin_corpus_files, cleanup_ddp, load_checkpoint,
-                    given_flags, pick_device, seed_everything, setup_ddp, time_calls)
+from common import (MetricsLogger, add_config_flags, atomic_save, atomic_write, bf16_autocast, builtin_corpus_files,
+                    cleanup_ddp, given_flags, load_checkpoint, pick_device, seed_everything, setup_ddp, time_calls)
 from rwkv7_kernel import wkv7
 
 # -----------------------------------------------------------------------------
@@ -1012,10 +1012,6 @@ def make_optimizer(model: CaMoE_System, cfg: CaMoEConfig, device: torch.device) 
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.99), eps=1e-8, fused=device.type == "cuda")
 
 
-def autocast_ctx(cfg: CaMoEConfig, device: torch.device):
-    return torch.autocast("cuda", dtype=torch.bfloat16) if cfg.amp and device.type == "cuda" else nullcontext()
-
-
 @torch.no_grad()
 def estimate_val_loss(model: CaMoE_System, data: TokenData, cfg: CaMoEConfig, device, rank: int, world: int) -> float:
     """Mean CE over eval_iters validation batches drawn from a fixed seed (the same set at every evaluation)."""
@@ -1027,7 +1023,7 @@ def estimate_val_loss(model: CaMoE_System, data: TokenData, cfg: CaMoEConfig, de
         x, y = data.batch(cfg.micro_bsz, "val", rng)
         if i % world != rank:
             continue
-        with autocast_ctx(cfg, device):
+        with bf16_autocast(device, cfg.amp):
             _, (_, loss), _ = model(x.to(device), y.to(device))
         total += torch.stack([loss.double(), torch.ones((), dtype=torch.float64, device=device)])
     if world > 1:
@@ -1046,7 +1042,7 @@ def train_step(model, raw, optimizer, data, cfg, device, step, is_ddp, world) ->
         x, y = data.batch(cfg.micro_bsz)
         sync = micro == cfg.grad_accum - 1
         with model.no_sync() if is_ddp and not sync else nullcontext():
-            with autocast_ctx(cfg, device):
+            with bf16_autocast(device, cfg.amp):
                 _, (total, loss), infos = model(x.to(device), y.to(device))
             finite = torch.isfinite(total).float()
             if is_ddp:
@@ -1236,7 +1232,7 @@ def bench(cfg: CaMoEConfig, steps: int) -> list[dict]:
         optimizer = make_optimizer(model, c, device)
 
         def one_step():
-            with autocast_ctx(c, device):
+            with bf16_autocast(device, c.amp):
                 _, (total, _), _ = model(x, y)
             total.backward()
             model.settle_market()

@@ -1,10 +1,11 @@
 """
 Shared plumbing for the single-file systems in this repo (camoe.py, alphagpt.py, ...):
-config dataclasses as command-line flags, device selection, seeding, benchmark timing, crash-safe
+config dataclasses as command-line flags, device selection and bf16 autocast, seeding, benchmark timing, crash-safe
 file writes, checkpoint loading, the built-in corpus, the learning-rate schedule, token sampling, JSONL metrics and DDP setup.
 """
 
 import argparse
+import contextlib
 import dataclasses
 import glob
 import json
@@ -79,6 +80,12 @@ def pick_device(name: str = "auto") -> torch.device:
     if match[1] == "cuda" and int(match[2] or 0) >= torch.cuda.device_count():
         raise ValueError(f"device {name!r} is not available ({torch.cuda.device_count()} CUDA devices found)")
     return torch.device(name)
+
+def bf16_autocast(device: torch.device, enabled: bool = True):
+    """bf16 autocast on CUDA (when enabled), nothing on CPU: a context manager for the forward pass."""
+    if enabled and device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
 
 # -----------------------------------------------------------------------------
 # seeding

@@ -550,6 +550,67 @@ def test_triton_interpreted_strong_decays_and_bf16():
     assert _rel(y16, y_ref) < 3e-2 and all(_rel(gi, gr) < 5e-2 for gi, gr in zip(g16, g_ref))
 
 
+@triton_only
+@pytest.mark.parametrize("N", [64, 128])
+def test_triton_interpreted_large_heads_at_default_launch_sizes(N):
+    xs = K.rwkv7_inputs(1, 5, 1, N, torch.float32, seed=N)
+    s0, dy, dsT = 0.3 * torch.randn(1, 1, N, N), torch.randn(1, 5, 1, N), torch.randn(1, 1, N, N)
+    y_ref, s_ref, g_ref = _grads(_wkv7_by_formula, [x.double() for x in xs], s0.double(), dy.double(), dsT.double())
+    y, sT, g = _grads(K.wkv7_triton, xs, s0, dy, dsT)                             # chunk, bv, warps: defaults
+    assert _rel(y, y_ref) < 1e-5 and _rel(sT, s_ref) < 1e-5
+    for name, gi, gr in zip(["r", "w", "k", "v", "a", "b", "s0"], g, g_ref):
+        assert _rel(gi, gr) < 2e-5, name
+
+
+@triton_only
+def test_triton_interpreted_fp16_inputs():
+    xs = [x.half() for x in K.rwkv7_inputs(1, 12, 2, 16, torch.float32, seed=7)]
+    s0, dy, dsT = 0.3 * torch.randn(1, 2, 16, 16), torch.randn(1, 12, 2, 16), torch.randn(1, 2, 16, 16)
+    y_ref, s_ref, g_ref = _grads(_wkv7_by_formula, [x.double() for x in xs], s0.double(), dy.double(), dsT.double())
+    y, sT, g = _grads(lambda *a: K.wkv7_triton(*a, chunk=4), xs, s0, dy, dsT)
+    assert y.dtype == torch.float16 and sT.dtype == torch.float32 and all(gi.dtype == xi.dtype for gi, xi in
+                                                                          zip(g, [*xs, s0]))
+    assert _rel(sT, s_ref) < 1e-5 and _rel(y, y_ref) < 2e-3                       # fp32 state; fp16 output
+    assert all(_rel(gi, gr) < 2e-3 for gi, gr in zip(g, g_ref))
+
+
+@pytest.mark.parametrize("path", ["chunked", "triton"])
+def test_only_one_output_used_gives_the_right_gradients(path):
+    if path == "triton" and K.triton is None:
+        pytest.skip("triton is not installed")
+    fn = K.wkv7_chunked if path == "chunked" else (lambda *a: K.wkv7_triton(*a, chunk=4))
+    xs = K.rwkv7_inputs(1, 10, 1, 16, torch.float32, seed=8)
+    s0 = 0.3 * torch.randn(1, 1, 16, 16)
+    dy, dsT = torch.randn(1, 10, 1, 16), torch.randn(1, 1, 16, 16)
+    for use_y in (True, False):
+        ref_leaves = [x.double().requires_grad_() for x in (*xs, s0)]
+        y_ref, s_ref = _wkv7_by_formula(*ref_leaves)
+        ref = torch.autograd.grad(y_ref if use_y else s_ref, ref_leaves, dy.double() if use_y else dsT.double(),
+                                  allow_unused=True)                               # the final state ignores r
+        ref = [torch.zeros_like(x) if g is None else g for g, x in zip(ref, ref_leaves)]
+        leaves = [x.clone().requires_grad_() for x in (*xs, s0)]
+        y, sT = fn(*leaves)
+        got = torch.autograd.grad(y if use_y else sT, leaves, dy if use_y else dsT)
+        assert all(_rel(gi, gr) < 2e-5 for gi, gr in zip(got, ref)), (path, use_y)
+
+
+def test_state_carried_across_windows_carries_gradients():
+    """Training on windows with the state passed along (truncated BPTT turned off): the gradients of the
+    inputs and of the initial state equal those of one pass over the whole sequence."""
+    xs = K.rwkv7_inputs(2, 45, 2, 16, torch.float32, seed=9)
+    s0 = 0.3 * torch.randn(2, 2, 16, 16)
+    dy, dsT = torch.randn(2, 45, 2, 16), torch.randn(2, 2, 16, 16)
+    whole = [x.clone().requires_grad_() for x in (*xs, s0)]
+    y, sT = K.wkv7(*whole[:6], initial_state=whole[6], output_final_state=True)
+    g_whole = torch.autograd.grad([y, sT], whole, [dy, dsT])
+    parts = [x.clone().requires_grad_() for x in (*xs, s0)]
+    y1, s1 = K.wkv7(*[x[:, :20] for x in parts[:6]], initial_state=parts[6], output_final_state=True)
+    y2, s2 = K.wkv7(*[x[:, 20:] for x in parts[:6]], initial_state=s1, output_final_state=True)
+    g_parts = torch.autograd.grad([torch.cat([y1, y2], 1), s2], parts, [dy, dsT])
+    for name, a, b in zip(["r", "w", "k", "v", "a", "b", "s0"], g_parts, g_whole):
+        assert _rel(a, b) < 1e-5, name
+
+
 def test_bench_runs_and_rejects_bad_shapes():
     cmd = [sys.executable, os.path.join(HERE, "rwkv7_kernel.py"), "--bench", "--device", "cpu", "--repeat", "1"]
     out = subprocess.run(cmd + ["--shapes", "1,40,1,16"], capture_output=True, text=True, timeout=300)

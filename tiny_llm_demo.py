@@ -65,8 +65,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from common import (add_config_flags, atomic_save, atomic_write_bytes, cosine_lr, given_flags, load_checkpoint,
-                    pick_device, sample_next, time_calls)
+from common import (add_config_flags, atomic_save, atomic_write_bytes, bf16_autocast, cosine_lr, given_flags,
+                    load_checkpoint, pick_device, sample_next, time_calls)
 
 # -----------------------------------------------------------------------------
 # configuration
@@ -542,12 +542,6 @@ class OnlineLearner:
         self.data_rng = torch.Generator().manual_seed(config.seed)  # batches and new embedding rows
         self.gen_rng = torch.Generator().manual_seed(config.seed + 1)  # generation only
 
-    def autocast(self):
-        """bf16 autocast on CUDA, nothing on CPU."""
-        if self.device.type == "cuda":
-            return torch.autocast("cuda", dtype=torch.bfloat16)
-        return contextlib.nullcontext()
-
     # --- vocabulary -----------------------------------------------------------------
 
     def add_text(self, text: Iterable[str]) -> list[str]:
@@ -623,7 +617,7 @@ class OnlineLearner:
         self.optimizer.param_groups[0]["weight_decay"] = cfg.weight_decay
         batch = self.replay.sample_batch(self.tokenizer, cfg.batch_size, cfg.context + 1, self.data_rng)
         batch = batch.to(self.device)
-        with self.autocast():
+        with bf16_autocast(self.device):
             _, loss = self.model(batch[:, :-1], batch[:, 1:])  # (B, T) inputs predict the next characters
         self.optimizer.zero_grad(set_to_none=True)
         loss_value = loss.item()
@@ -689,7 +683,7 @@ class OnlineLearner:
         The prompt starts with a newline, which is what precedes every line of the history."""
         cfg = dataclasses.replace(self.config, **settings)
         sample = lambda logits: sample_token(logits, cfg.temperature, cfg.top_k, cfg.top_p, self.gen_rng)
-        with self.autocast():
+        with bf16_autocast(self.device):
             ids = self.ema.model.generate(self.tokenizer.encode("\n" + prefix), cfg.gen_tokens, sample,
                                           stop_id=self.tokenizer.stoi.get("\n"), use_cache=use_cache)
         return prefix + self.tokenizer.decode(ids)
