@@ -29,10 +29,14 @@ except ImportError:  # Triton is optional: the CPU paths need only PyTorch
     triton = None
 
 HEAD_SIZES = (16, 32, 64, 128)
-CHUNK = 32  # chunk length of the chunked path (the longest; chosen once per call, see _pick_chunk)
+CHUNK = 32  # chunk length of the chunked path (the longest; see _plan_chunks)
+WINDOW = 8  # chunks per window when some decay needs shorter chunks: each window picks its own length
 # Largest log-decay spread (-sum of log decays) allowed within one chunk: factors reach exp(MAX_SPREAD / 2).
 # RWKV-7's own decays (>= 0.545 per step) give at most 19.4 over 32 steps; stronger ones shorten the chunk.
 MAX_SPREAD = 120.0
+# Floor of a single step's log decay: exp(-60) = 9e-27 is 0 for any state entry it multiplies (below float32's
+# and float64's resolution of the sum), and at half of MAX_SPREAD one very strong decay still fits a full chunk.
+DECAY_FLOOR = MAX_SPREAD / 2
 
 
 def _full_precision(fn):
@@ -92,14 +96,13 @@ def wkv7_reference(r, w, k, v, a, b, initial_state=None):
 
 
 def _log_decay(w):
-    """Per-step log decay -exp(w), floored at -MAX_SPREAD: exp(-120) is already 0 in float32 (and 1e-52 in
-    float64), and the floor bounds every chunk's spread, so any w gives finite factors."""
-    return torch.exp(w).clamp_(max=MAX_SPREAD).neg_()
+    """Per-step log decay -exp(w), floored at -DECAY_FLOOR. The floor bounds every chunk's spread, so any w
+    gives finite factors; the change it makes to a result is below 1e-26 relative."""
+    return torch.exp(w).clamp_(max=DECAY_FLOOR).neg_()
 
 
 def _pick_chunk(g, chunk):
-    """Longest chunk length <= chunk (halving) whose log-decay spread stays under MAX_SPREAD in every chunk.
-    One length serves the whole call, so a single very strong decay anywhere shortens every chunk."""
+    """Longest chunk length <= chunk (halving) whose log-decay spread stays under MAX_SPREAD in every chunk."""
     B, T, H, N = g.shape
     if -g.min() * chunk <= MAX_SPREAD:  # RWKV-7's own decays always land here
         return chunk
@@ -110,6 +113,17 @@ def _pick_chunk(g, chunk):
             break
         chunk //= 2
     return chunk
+
+
+def _plan_chunks(g):
+    """(start, end, chunk length) spans covering the T steps of g (B, T, H, N). One span at CHUNK when every
+    decay allows it (RWKV-7's own always do); otherwise windows of WINDOW * CHUNK steps, each with its own
+    chunk length, so a very strong decay shortens the chunks of its window only, not of the whole call."""
+    T = g.shape[1]
+    if _pick_chunk(g, CHUNK) == CHUNK:
+        return [(0, T, CHUNK)]
+    span = WINDOW * CHUNK
+    return [(t0, min(t0 + span, T), _pick_chunk(g[:, t0:t0 + span], CHUNK)) for t0 in range(0, T, span)]
 
 
 def _to_chunks(xs, C, dtype):
@@ -215,11 +229,10 @@ def _chunked_bwd(dy, dsT, ra, bk, e_ra, e_k, e_mid, RA, BK, dec, tails, decay, M
 class _WKV7Chunked(torch.autograd.Function):
     @staticmethod
     @_full_precision
-    def forward(ctx, r, w, k, v, a, b, s0):
+    def forward(ctx, r, w, k, v, a, b, s0, C):
         B, T, H, N = r.shape
         dt = _state_dtype(r.dtype)
         g = _log_decay(w.to(dt))
-        C = _pick_chunk(g, CHUNK)
         ra, bk, gc, vc = (_to_chunks(xs, C, dt) for xs in ([r, a], [b, k], [g], [v]))
         ctx.T, ctx.io_dtype, ctx.s0_dtype = T, r.dtype, dt if s0 is None else s0.dtype
         s0 = r.new_zeros(B, H, N, N, dtype=dt) if s0 is None else s0.to(dt)
@@ -236,17 +249,24 @@ class _WKV7Chunked(torch.autograd.Function):
         p, T, C = dict(zip(ctx.names, saved)), ctx.T, g.shape[-2]
         dy = _to_chunks([dy], C, g.dtype)
         d_ra, dg, d_bk, dv, ds0 = _chunked_bwd(dy, dsT.to(g.dtype), **p)
-        dw = _from_chunks(dg * g * (g > -MAX_SPREAD), T, ctx.io_dtype)  # g = -exp(w), floored at -MAX_SPREAD
+        dw = _from_chunks(dg * g * (g > -DECAY_FLOOR), T, ctx.io_dtype)  # g = -exp(w), floored
         dr, da, db, dk = (_from_chunks(x[..., i * C:(i + 1) * C, :], T, ctx.io_dtype) for x, i in
                           ((d_ra, 0), (d_ra, 1), (d_bk, 0), (d_bk, 1)))
         grads = (dr, dw, dk, _from_chunks(dv, T, ctx.io_dtype), da, db)
-        return (*grads, ds0.to(ctx.s0_dtype) if ctx.needs_input_grad[6] else None)
+        return (*grads, ds0.to(ctx.s0_dtype) if ctx.needs_input_grad[6] else None, None)
 
 
 def wkv7_chunked(r, w, k, v, a, b, initial_state=None):
-    """The chunked form, forward and hand-derived backward, in plain PyTorch. Returns (y, final_state)."""
+    """The chunked form, forward and hand-derived backward, in plain PyTorch. Returns (y, final_state).
+    Where _plan_chunks splits the sequence into windows, the state is carried from one to the next."""
     _check_inputs(r, w, k, v, a, b, initial_state)
-    return _WKV7Chunked.apply(r, w, k, v, a, b, initial_state)
+    with torch.no_grad():
+        plan = _plan_chunks(_log_decay(w.detach().to(_state_dtype(w.dtype))))
+    ys, state = [], initial_state
+    for t0, t1, C in plan:
+        y, state = _WKV7Chunked.apply(*(x[:, t0:t1] for x in (r, w, k, v, a, b)), state, C)
+        ys.append(y)
+    return (ys[0] if len(ys) == 1 else torch.cat(ys, 1)), state
 
 
 # --------------------------------------------------------------------------------------------------------

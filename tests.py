@@ -445,6 +445,33 @@ for name, fn in [("reference", K.wkv7_reference), ("chunked", K.wkv7_chunked), (
         assert y_err < 1e-5 and s_err < 1e-5, (name, y_err, s_err)
 
 
+def test_strong_decays_shorten_the_chunks_of_their_window_only():
+    """A single w = 5 (decay exp(-148)) among 4096 steps used to shorten every chunk of the call (fwd+bwd 12x
+    slower); now it fits a full chunk. A burst of them shortens the chunks of its own window only: the number of
+    chunks, which sets the cost, at most doubles. Results stay exact across window boundaries, with gradients."""
+    B, T, H, N = 1, 4096, 2, 16
+    w = torch.rand(B, T, H, N, dtype=torch.float64) * 4 - 6                  # RWKV-7-like decays
+    assert K._plan_chunks(K._log_decay(w)) == [(0, T, K.CHUNK)]
+    w[0, 1000, 1, 3] = 5.0
+    assert K._plan_chunks(K._log_decay(w)) == [(0, T, K.CHUNK)]
+    w[0, 1000:1011, 1, 3] = 5.0                                               # a burst: 11 in a row
+    plan = K._plan_chunks(K._log_decay(w))
+    span = K.WINDOW * K.CHUNK
+    assert [p[:2] for p in plan] == [(t0, t0 + span) for t0 in range(0, T, span)]
+    assert [c for t0, _, c in plan if not t0 <= 1000 < t0 + span] == [K.CHUNK] * (len(plan) - 1)
+    assert sum(-(-(t1 - t0) // c) for t0, t1, c in plan) <= 2 * T // K.CHUNK, plan
+    xs = K.rwkv7_inputs(1, 600, 1, 16, torch.float64, seed=12)
+    xs[1][0, 300:310, 0, ::4] = 5.0                                           # in window 2 of 3
+    assert len({c for _, _, c in K._plan_chunks(K._log_decay(xs[1]))}) == 2
+    s0 = 0.3 * torch.randn(1, 1, 16, 16, dtype=torch.float64)
+    dy, dsT = torch.randn(1, 600, 1, 16, dtype=torch.float64), torch.randn(1, 1, 16, 16, dtype=torch.float64)
+    y_ref, s_ref, g_ref = _grads(_wkv7_by_formula, xs, s0, dy, dsT)
+    y, sT, g = _grads(K.wkv7_chunked, xs, s0, dy, dsT)
+    assert _rel(y, y_ref) < 1e-12 and _rel(sT, s_ref) < 1e-12
+    for name, gi, gr in zip(["r", "w", "k", "v", "a", "b", "s0"], g, g_ref):
+        assert _rel(gi, gr) < 1e-11, name
+
+
 def test_chunked_float32_accuracy_long_sequence():
     xs = K.rwkv7_inputs(1, 300, 2, 64, torch.float64, seed=3)
     y_ref, s_ref = K.wkv7_reference(*xs)
