@@ -15,6 +15,7 @@ Public entry point: `wkv7(r, w, k, v, a, b, initial_state=None, output_final_sta
 `python rwkv7_kernel.py --bench` times every available path against the reference on this machine.
 """
 import argparse
+import contextlib
 import functools
 
 import torch
@@ -484,11 +485,16 @@ if triton is not None:
         return dr, dw, dk, dv, da, db, ds0
 
 
+    def _on_device(x):
+        """Launch on x's CUDA device: Triton launches on the current device, which may be another one."""
+        return torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext()
+
     class _WKV7Triton(torch.autograd.Function):
 
         @staticmethod
         def forward(ctx, r, w, k, v, a, b, s0=None, chunk=16, bv=None, num_warps=None):
-            y, sT, states = _triton_fwd(r, w, k, v, a, b, s0, chunk=chunk, bv=bv, num_warps=num_warps)
+            with _on_device(r):
+                y, sT, states = _triton_fwd(r, w, k, v, a, b, s0, chunk=chunk, bv=bv, num_warps=num_warps)
             ctx.save_for_backward(r, w, k, v, a, b, states)
             ctx.has_s0 = s0 is not None
             ctx.cfg = (chunk, bv, num_warps)
@@ -500,9 +506,10 @@ if triton is not None:
         def backward(ctx, dy, dsT):
             r, w, k, v, a, b, states = ctx.saved_tensors
             chunk, bv, num_warps = ctx.cfg
-            dr, dw, dk, dv, da, db, ds0 = _triton_bwd(
-                r, w, k, v, a, b, states, dy, dsT, chunk=chunk, bv=bv, num_warps=num_warps
-            )
+            with _on_device(r):                       # the backward may run with another device current
+                dr, dw, dk, dv, da, db, ds0 = _triton_bwd(
+                    r, w, k, v, a, b, states, dy, dsT, chunk=chunk, bv=bv, num_warps=num_warps
+                )
             return dr, dw, dk, dv, da, db, (ds0 if ctx.has_s0 else None), None, None, None
 
 
