@@ -1286,6 +1286,29 @@ def test_tiny_training_autosaves_every_n_steps(tmp_path):
     assert not off.checkpoint_path.exists()
 
 
+def test_tiny_damaged_checkpoint_falls_back_to_the_previous_one_and_stale_temps_go(tmp_path):
+    data = tmp_path / "data"
+    assert _tiny_run(data, "hello world\n").returncode == 0
+    assert _tiny_run(data, "second line here\n").returncode == 0          # resumes, trains, saves again
+    ckpt, prev = data / "model_checkpoint.pt", data / "model_checkpoint.prev.pt"
+    steps = [torch.load(p, weights_only=True)["step"] for p in (prev, ckpt)]
+    assert 0 < steps[0] < steps[1]
+    ckpt.write_bytes(ckpt.read_bytes()[:1000])                              # torn by a disk error
+    stale = data / ".model_checkpoint.pt.k1ll3d.tmp"                        # a save killed mid-write
+    stale.write_bytes(b"\0" * 2**20)
+    out = _tiny_run(data, "/stats\n")
+    assert out.returncode == 0, out.stderr
+    assert "removed 1 temp file(s) (1.0 MB) left by an interrupted save" in out.stdout and not stale.exists()
+    assert re.search(r"error: .*moved it to model_checkpoint\.pt\.corrupt-", out.stdout), out.stdout
+    assert f"resumed {prev} (step {steps[0]}," in out.stdout
+    for p in (ckpt, prev):
+        if p.exists():
+            p.write_bytes(b"junk")
+    out = _tiny_run(data, "/stats\n")
+    assert "no readable checkpoint left: started a new model" in out.stdout, out.stdout
+    assert len(list(data.glob("*.corrupt-*"))) >= 2
+
+
 def test_tiny_checkpoint_with_a_different_vocabulary_loads(tmp_path):
     a = tiny.OnlineLearner(_tiny_config(), tmp_path / "a")
     for _ in range(5):

@@ -533,6 +533,7 @@ class OnlineLearner:
         self.config, self.device = config, torch.device(device)
         self.data_dir = Path(data_dir)
         self.checkpoint_path = self.data_dir / "model_checkpoint.pt"
+        self.previous_path = self.data_dir / "model_checkpoint.prev.pt"   # the autosave before the last
         self.vocab_path = self.data_dir / "dynamic_vocab.json"
         self.replay = PersistentReplayText(self.data_dir / "training_data.bin")
         self.tokenizer = DynamicTokenizer()
@@ -558,7 +559,8 @@ class OnlineLearner:
     def resume(self, overrides: dict | None = None) -> list[str]:
         """Pick up where this data directory stopped; return messages for the user.
 
-        The autosaved checkpoint brings model, optimizer, EMA, step, RNGs and vocabulary; characters
+        The autosaved checkpoint (or, if it is unreadable, the one before it, model_checkpoint.prev.pt) brings
+        model, optimizer, EMA, step, RNGs and vocabulary; characters
         that dynamic_vocab.json recorded after it (e.g. before a SIGKILL) are added. If the vocabulary
         file is unreadable it is kept aside and the characters are recovered from the history itself.
         overrides are command-line settings, applied after the checkpoint's (model shape excepted)."""
@@ -571,14 +573,20 @@ class OnlineLearner:
                 os.replace(self.vocab_path, aside)
                 messages.append(f"error: {self.vocab_path}: {exc}; kept it as {aside.name}, "
                                 "rebuilding the vocabulary from the checkpoint and the history")
-        if self.checkpoint_path.exists():
+        for path in (self.checkpoint_path, self.previous_path):   # the newest readable one
+            if not path.exists():
+                continue
             try:
-                self.load(self.checkpoint_path)
-                messages.append(f"resumed {self.checkpoint_path} (step {self.step}, {len(self.tokenizer)} tokens)")
+                self.load(path)
+                messages.append(f"resumed {path} (step {self.step}, {len(self.tokenizer)} tokens)")
+                break
             except ValueError as exc:
-                aside = self.checkpoint_path.with_name(f"{self.checkpoint_path.name}.corrupt-{time.strftime('%Y%m%d-%H%M%S')}")
-                os.replace(self.checkpoint_path, aside)
-                messages.append(f"error: {exc}; moved it to {aside.name} and started a new model")
+                aside = path.with_name(f"{path.name}.corrupt-{time.strftime('%Y%m%d-%H%M%S')}")
+                os.replace(path, aside)
+                messages.append(f"error: {exc}; moved it to {aside.name}")
+        else:
+            if messages and messages[-1].startswith("error: ") and "moved it to" in messages[-1]:
+                messages.append("no readable checkpoint left: started a new model")
         if vocab is not None:
             self.add_text(vocab.chars)
             self.add_text(self.replay.recent_text())
@@ -694,6 +702,9 @@ class OnlineLearner:
         """Atomically write model, EMA, optimizer, step (the LR schedule's state), RNGs, settings and
         vocabulary; also rewrite dynamic_vocab.json."""
         path = Path(path or self.checkpoint_path)
+        if path == self.checkpoint_path and path.exists():
+            # keep the last good one: a kill between the two renames leaves the previous file, never none
+            os.replace(path, self.previous_path)
         atomic_save({"config": dataclasses.asdict(self.config), "vocab": self.tokenizer.chars,
                      "model": self.model.state_dict(), "ema": self.ema.model.state_dict(),
                      "optimizer": self.optimizer.state_dict(), "step": self.step,
@@ -874,6 +885,16 @@ def lock_data_dir(data_dir: str | os.PathLike):
         raise OSError(f"{data_dir}: another tiny_llm_demo.py is using this data directory") from None
     return lock
 
+
+def remove_stale_temp_files(data_dir: str | os.PathLike) -> str | None:
+    """Delete the temp files of saves a killed process never finished (.NAME.*.tmp, from atomic writes).
+    Only safe under the lock: then no save of ours is in flight. Returns a line for the user, or None."""
+    stale = [p for p in Path(data_dir).glob(".*.tmp") if p.is_file()]
+    size = sum(p.stat().st_size for p in stale)
+    for p in stale:
+        p.unlink()
+    return f"removed {len(stale)} temp file(s) ({size / 2**20:.1f} MB) left by an interrupted save" if stale else None
+
 # -----------------------------------------------------------------------------
 # benchmark
 
@@ -971,6 +992,8 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
+    if lock is not None and (note := remove_stale_temp_files(args.data_dir)):
+        print(note)
     try:
         return run_session(config, args, overrides, device)
     finally:
