@@ -1309,6 +1309,22 @@ def test_tiny_damaged_checkpoint_falls_back_to_the_previous_one_and_stale_temps_
     assert len(list(data.glob("*.corrupt-*"))) >= 2
 
 
+def test_tiny_resume_counts_characters_recorded_after_the_checkpoint_and_empty_train_says_why(tmp_path):
+    data = tmp_path / "data"
+    empty = tmp_path / "empty.txt"
+    empty.write_text("")
+    out = _tiny_run(data, f"/train {empty}\n")
+    assert "stored (no training: the history is empty)" in out.stdout, out.stdout
+    assert _tiny_run(data, "hello world\n").returncode == 0
+    vocab_path = data / "dynamic_vocab.json"                                 # characters a killed session
+    vocab = tiny.DynamicTokenizer.from_json(vocab_path.read_bytes())         # recorded after its autosave
+    vocab.add("ωλ")
+    vocab_path.write_bytes(vocab.to_json())
+    out = _tiny_run(data, "/stats\n")
+    resumed = int(re.search(r"resumed .* \(step \d+, (\d+) tokens\)", out.stdout)[1])
+    assert resumed == _tiny_stat(out.stdout, "vocabulary"), out.stdout
+
+
 def test_tiny_checkpoint_with_a_different_vocabulary_loads(tmp_path):
     a = tiny.OnlineLearner(_tiny_config(), tmp_path / "a")
     for _ in range(5):

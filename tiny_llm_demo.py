@@ -573,12 +573,13 @@ class OnlineLearner:
                 os.replace(self.vocab_path, aside)
                 messages.append(f"error: {self.vocab_path}: {exc}; kept it as {aside.name}, "
                                 "rebuilding the vocabulary from the checkpoint and the history")
+        resumed = None
         for path in (self.checkpoint_path, self.previous_path):   # the newest readable one
             if not path.exists():
                 continue
             try:
                 self.load(path)
-                messages.append(f"resumed {path} (step {self.step}, {len(self.tokenizer)} tokens)")
+                resumed = path
                 break
             except ValueError as exc:
                 aside = path.with_name(f"{path.name}.corrupt-{time.strftime('%Y%m%d-%H%M%S')}")
@@ -594,6 +595,8 @@ class OnlineLearner:
             for chunk in self.replay.iter_text():
                 self.add_text(chunk)
         atomic_write_bytes(self.tokenizer.to_json(), self.vocab_path)
+        if resumed is not None:                         # counted after the characters recorded since it
+            messages.append(f"resumed {resumed} (step {self.step}, {len(self.tokenizer)} tokens)")
         for name, value in (overrides or {}).items():
             if name in ARCH_FIELDS and value != getattr(self.config, name):
                 messages.append(f"note: the saved model has {name}={getattr(self.config, name)}; "
@@ -780,7 +783,7 @@ SETTINGS = {"/temp": ("temperature", float), "/topp": ("top_p", float), "/topk":
 
 def pulse_report(learner: OnlineLearner, loss: float | None) -> str:
     if loss is None:
-        return "stored (no training: --steps is 0)"
+        return "stored (no training: " + ("the history is empty)" if learner.replay.size == 0 else "--steps is 0)")
     return f"step {learner.step} | loss {loss:.3f} | sample: {learner.generate()}"
 
 
@@ -790,13 +793,12 @@ def load_txt(learner: OnlineLearner, path: str) -> None:
     every = learner.config.sample_every
     with open(path, encoding="utf-8") as f, tqdm(total=n_lines, unit="line", disable=None) as bar:
         for i, line in enumerate(f, 1):
-            bar.update()
             line = line.rstrip("\r\n")
-            if not line.strip():
-                continue
-            loss = learner.learn_line(line)
-            if every and i % every == 0:
-                bar.write(f"[{i}/{n_lines}] {pulse_report(learner, loss)}")
+            if line.strip():
+                loss = learner.learn_line(line)
+                if every and i % every == 0:
+                    bar.write(f"[{i}/{n_lines}] {pulse_report(learner, loss)}")
+            bar.update()                                # after the line has trained: 100% means done
     print(f"learned {path}: {n_lines} lines, step {learner.step}, {len(learner.tokenizer)} tokens")
 
 
