@@ -26,6 +26,7 @@ either defines register(registry) or registers on import (`import apt` returns t
 from __future__ import annotations
 
 import argparse
+import codecs
 import copy
 import difflib
 import importlib.metadata
@@ -275,6 +276,10 @@ class Registry:
         provider.name = name                            # the name it is registered under, in logs and checkpoints
         return provider
 
+    def classes(self, kind: str) -> list[type[Provider]]:
+        """Every provider class registered under kind."""
+        return list(self._providers[kind].values())
+
     def list_providers(self, kind: str | None = None) -> list[str] | dict[str, list[str]]:
         if kind is not None:
             if kind not in self._providers:
@@ -318,7 +323,7 @@ def resolve_profile(raw: dict, reg: Registry, source: str) -> dict:
                                          fallback=False)            # data is never silently substituted
         # the selected dataset's keys are checked; another dataset's keys (a profile's data.path after
         # --set data.provider=sql) are dropped with a note; anything else is an unknown key
-        other = {k: v for kind_cls in reg._providers["dataset"].values() for k, v in kind_cls.defaults.items()}
+        other = {k: v for kind_cls in reg.classes("dataset") for k, v in kind_cls.defaults.items()}
         own = {key: data.pop(key) for key in list(data)
                if key in dataset_cls.defaults and key not in CORE_DEFAULTS["data"]}
         unused = [key for key in list(data) if key in other and key not in CORE_DEFAULTS["data"]]
@@ -401,7 +406,7 @@ class Schedule:
 
 def check_schedules(schedules: dict, reg: Registry) -> None:
     plugins = reg.list_providers("plugin")
-    annealable = {p: low for cls in reg._providers["plugin"].values() for p, low in cls.schedulable.items()}
+    annealable = {p: low for cls in reg.classes("plugin") for p, low in cls.schedulable.items()}
     for key, value in schedules.items():
         where = f"schedules.{key}"
         if (match := re.fullmatch(r"enable_(\w+)_at_epoch", str(key))) is not None:
@@ -1616,7 +1621,7 @@ class Generator:
                 raise ValueError(f"token {token} is outside the vocabulary of {vocab}")
         ids = encode(prompt) or [EOT]
         gen = torch.Generator().manual_seed(seed)
-        utf8 = __import__("codecs").getincrementaldecoder("utf-8")(errors="replace")
+        utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
         new: list[int] = []
         for _ in range(max_new_tokens):
             ctx = torch.tensor([ids[-self.block_size:]], device=self.device)
