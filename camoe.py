@@ -24,7 +24,6 @@ import glob
 import hashlib
 import inspect
 import json
-import math
 import os
 import signal
 import struct
@@ -41,72 +40,95 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from common import (MetricsLogger, add_config_flags, atomic_save, atomic_write, bf16_autocast, builtin_corpus_files,
-                    cleanup_ddp, given_flags, load_checkpoint, pick_device, seed_everything, setup_ddp, time_calls)
+                    cleanup_ddp, cosine_lr, given_flags, load_checkpoint, pick_device, seed_everything, setup_ddp)
 from rwkv7_kernel import wkv7
 
 # -----------------------------------------------------------------------------
 # config
 
 
+def cfg_field(default, help: str, range: str | None = None):
+    """A config field with its help text and, for numbers, its allowed range in interval notation ("[0, 1)",
+    "[1, inf)"), checked by validate_config before anything is built."""
+    metadata = {"help": help + (f"; range {range}" if range else ""), "range": range}
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata=metadata)
+    return field(default=default, metadata=metadata)
+
+
 @dataclass
 class CaMoEConfig:
-    version: str = "v18.5-test"
-    size: str = "0.4b"
+    version: str = cfg_field("v18.5-test", "model version tag stored in checkpoints")
+    size: str = cfg_field("0.4b", "size preset that sets the defaults of the other fields")
     # model (the defaults are the 0.4b shapes: RWKV-7 0.4B is 24 layers x 1024, vocab 65536)
-    n_layer: int = 24
-    n_embd: int = 1024
-    head_size: int = 64
-    vocab_size: int = 65536
-    ctx_len: int = 1024
-    num_rwkv_experts: int = 6
-    num_trans_experts: int = 2
-    top_k: int = 2
-    ffn_mult: int = 4
-    trans_heads: int = 16
-    prefix_len: int = 48
-    bridge_rank: int = 64
-    use_deep_embed_attention: bool = True
-    use_shared_deep_embed: bool = True
-    dea_q_dim: int = 256
-    dea_kv_dim: int = 32
-    router: str = "market"
+    n_layer: int = cfg_field(24, "number of CaMoE blocks", "[1, inf)")
+    n_embd: int = cfg_field(1024, "model width C", "[1, inf)")
+    head_size: int = cfg_field(64, "RWKV-7 head size N (n_embd must be a multiple)", "[1, inf)")
+    vocab_size: int = cfg_field(65536, "vocabulary size (65536 for the RWKV world tokenizer; with --compact-vocab "
+                                       "it is set from the data)", "[2, 65536]")
+    compact_vocab: bool = cfg_field(False, "train on the world-tokenizer ids that occur in the data only, renumbered "
+                                           "(the mapping is stored in the checkpoint): a from-scratch model "
+                                           "then has no rows for tokens it never sees")
+    ctx_len: int = cfg_field(1024, "training context length T", "[1, inf)")
+    num_rwkv_experts: int = cfg_field(6, "RWKV channel-mix experts per block", "[0, inf)")
+    num_trans_experts: int = cfg_field(2, "linear-attention transformer experts per block", "[0, inf)")
+    top_k: int = cfg_field(2, "experts per token, at least 2 when routed (the clearing price is the (top_k+1)-th "
+                              "bid; the dense FFN is top_k experts wide)", "[1, inf)")
+    ffn_mult: int = cfg_field(4, "hidden width of an RWKV expert, as a multiple of C", "[1, inf)")
+    trans_heads: int = cfg_field(16, "heads of a transformer expert (n_embd must be a multiple)", "[1, inf)")
+    prefix_len: int = cfg_field(48, "bridge prefix vectors per token for transformer experts", "[1, inf)")
+    bridge_rank: int = cfg_field(64, "rank of the bridge's prefix vectors", "[1, inf)")
+    use_deep_embed_attention: bool = cfg_field(True, "add the DeepEmbedAttention branch beside time mixing")
+    use_shared_deep_embed: bool = cfg_field(True, "one DeepEmbed table for all layers (else one per layer)")
+    dea_q_dim: int = cfg_field(256, "query/key width of DeepEmbedAttention", "[1, inf)")
+    dea_kv_dim: int = cfg_field(32, "bottleneck width of DEA's key/value paths", "[1, inf)")
+    router: str = cfg_field("market", "market (capital auction), softmax (top-k gating + balance loss) or dense "
+                                      "(one FFN, no experts)")
     # market
-    total_capital: float = 10000.0
-    trade_fraction: float = 0.05
-    floor_share: float = 0.25
-    tax_threshold: float = 2.0
-    tax_rate: float = 0.1
-    capital_cap: float = 3.0
-    wealth_weight: float = 1.0
-    affinity_weight: float = 0.5
-    bid_noise: float = 0.3
-    critic_coef: float = 0.1
-    critic_samples: int = 256
-    balance_coef: float = 0.01
+    total_capital: float = cfg_field(10000.0, "capital per layer, shared by its experts (conserved by the market)",
+                                     "(0, inf)")
+    trade_fraction: float = cfg_field(0.05, "fraction of a layer's capital paid by winners each optimizer step",
+                                      "(0, 1]")
+    floor_share: float = cfg_field(0.25, "capital floor as a fraction of the mean capital", "[0, 1)")
+    tax_threshold: float = cfg_field(2.0, "capital above this multiple of the mean is taxed", "[1, inf)")
+    tax_rate: float = cfg_field(0.1, "tax rate on capital above the threshold", "[0, 1]")
+    capital_cap: float = cfg_field(3.0, "hard ceiling on capital as a multiple of the mean", "(1, inf)")
+    wealth_weight: float = cfg_field(1.0, "weight of log relative capital in the log-bid", "[0, inf)")
+    affinity_weight: float = cfg_field(0.5, "weight of the critic's affinity (long/short) in the log-bid", "[0, inf)")
+    bid_noise: float = cfg_field(0.3, "std of Gaussian noise on log-bids while training (exploration)", "[0, inf)")
+    critic_coef: float = cfg_field(0.1, "weight of the critic's losses (difficulty regression, affinity "
+                                        "classification)", "[0, inf)")
+    critic_samples: int = cfg_field(256, "settled (token, expert) outcomes kept per layer to train the critic's "
+                                         "affinity", "[1, inf)")
+    balance_coef: float = cfg_field(0.01, "weight of the auxiliary balance loss (softmax router only)", "[0, inf)")
     # data
-    data_path: str = ""
-    data_roots: list[str] = field(default_factory=list)
-    mix: list[float] = field(default_factory=list)
-    cache_dir: str = "~/.cache/camoe"
-    val_fraction: float = 0.01
+    data_path: str = cfg_field("", "training data: text, .jsonl ({'text': ...} per line), or RWKV binidx "
+                                   "prefix/.bin; empty = the built-in corpus (this Python's standard library source)")
+    data_roots: list[str] = cfg_field([], "several data sources, sampled by --mix weights")
+    mix: list[float] = cfg_field([], "sampling weights of --data-roots (default: equal)")
+    cache_dir: str = cfg_field("~/.cache/camoe", "where tokenized text is cached as uint16 .bin")
+    val_fraction: float = cfg_field(0.01, "fraction at the end of each source held out for validation", "(0, 1)")
     # training
-    micro_bsz: int = 6
-    grad_accum: int = 8
-    max_steps: int = 100000
-    prewarm_steps: int = 1000
-    warmup_steps: int = 3000
-    lr: float = 3e-4
-    min_lr: float = 3e-5
-    weight_decay: float = 0.1
-    grad_clip: float = 1.0
-    eval_interval: int = 500
-    eval_iters: int = 20
-    save_interval: int = 1000
-    out_dir: str = "runs/camoe"
-    seed: int = 1337
-    device: str = "auto"
-    amp: bool = True
-    compile: bool = False
+    micro_bsz: int = cfg_field(6, "sequences per micro-batch (per process)", "[1, inf)")
+    grad_accum: int = cfg_field(8, "micro-batches per optimizer step", "[1, inf)")
+    max_steps: int = cfg_field(100000, "optimizer steps to train", "[1, inf)")
+    prewarm_steps: int = cfg_field(1000, "steps of the prewarm phase (backbone and RWKV experts frozen). A model "
+                                         "trained from scratch has no knowledge to protect, so it skips prewarm "
+                                         "unless this flag is given", "[0, inf)")
+    warmup_steps: int = cfg_field(3000, "steps of the warmup phase after prewarm (all trained, LR ramps up)",
+                                  "[0, inf)")
+    lr: float = cfg_field(3e-4, "peak learning rate", "(0, inf)")
+    min_lr: float = cfg_field(3e-5, "final learning rate of the cosine decay (at most --lr)", "[0, inf)")
+    weight_decay: float = cfg_field(0.1, "AdamW weight decay on matrices", "[0, inf)")
+    grad_clip: float = cfg_field(1.0, "gradient-norm clip", "(0, inf)")
+    eval_interval: int = cfg_field(500, "steps between validation evaluations (0 = none)", "[0, inf)")
+    eval_iters: int = cfg_field(20, "validation batches per evaluation", "[1, inf)")
+    save_interval: int = cfg_field(1000, "steps between checkpoints (one is also written at the end)", "[1, inf)")
+    out_dir: str = cfg_field("runs/camoe", "directory for ckpt.pt and metrics.jsonl")
+    seed: int = cfg_field(1337, "random seed")
+    device: str = cfg_field("auto", "auto, cpu, cuda or cuda:N")
+    amp: bool = cfg_field(True, "bf16 autocast on CUDA")
+    compile: bool = cfg_field(False, "torch.compile the model (the market's bookkeeping runs eagerly beside it)")
 
     @property
     def num_experts(self) -> int:
@@ -116,70 +138,49 @@ class CaMoEConfig:
 SIZES = {
     "tiny": dict(n_layer=2, n_embd=64, head_size=16, ctx_len=128, num_rwkv_experts=3, num_trans_experts=1,
                  trans_heads=4, prefix_len=8, bridge_rank=8, dea_q_dim=32, dea_kv_dim=8, total_capital=1000.0,
-                 micro_bsz=8, grad_accum=1, max_steps=300, prewarm_steps=20, warmup_steps=50, lr=2e-3,
-                 min_lr=2e-4, eval_interval=50, eval_iters=4, save_interval=100),
+                 compact_vocab=True, micro_bsz=8, grad_accum=1, max_steps=300, prewarm_steps=20, warmup_steps=50,
+                 lr=2e-3, min_lr=2e-4, eval_interval=50, eval_iters=4, save_interval=100),
     "0.1b": dict(n_layer=12, n_embd=768, num_rwkv_experts=3, num_trans_experts=1, trans_heads=12, prefix_len=32,
                  bridge_rank=32, use_deep_embed_attention=False, total_capital=1000.0, micro_bsz=8),
     "0.4b": dict(),
     "1.5b": dict(n_layer=24, n_embd=2048, trans_heads=32, micro_bsz=4, grad_accum=12, lr=2e-4, min_lr=2e-5),
 }
+ROUTERS = ("market", "softmax", "dense")
+# the fields that fix the shapes of the weights: a resumed run cannot change them
+SHAPE_FIELDS = ("n_layer", "n_embd", "head_size", "vocab_size", "compact_vocab", "num_rwkv_experts",
+                "num_trans_experts", "ffn_mult", "trans_heads", "prefix_len", "bridge_rank",
+                "use_deep_embed_attention", "use_shared_deep_embed", "dea_q_dim", "dea_kv_dim", "router", "top_k")
 
-FIELD_HELP = {
-    "version": "model version tag stored in checkpoints",
-    "size": "size preset that sets the defaults of the other fields: " + ", ".join(SIZES),
-    "n_layer": "number of CaMoE blocks",
-    "n_embd": "model width C",
-    "head_size": "RWKV-7 head size N (C must be a multiple)",
-    "vocab_size": "vocabulary size (65536 for the RWKV world tokenizer)",
-    "ctx_len": "training context length T",
-    "num_rwkv_experts": "RWKV channel-mix experts per block",
-    "num_trans_experts": "linear-attention transformer experts per block",
-    "top_k": "experts per token (the clearing price is the (top_k+1)-th bid)",
-    "ffn_mult": "hidden width of an RWKV expert, as a multiple of C",
-    "trans_heads": "heads of a transformer expert",
-    "prefix_len": "bridge prefix vectors per token for transformer experts",
-    "bridge_rank": "rank of the bridge's prefix vectors",
-    "use_deep_embed_attention": "add the DeepEmbedAttention branch beside time mixing",
-    "use_shared_deep_embed": "one DeepEmbed table for all layers (else one per layer)",
-    "dea_q_dim": "query/key width of DeepEmbedAttention",
-    "dea_kv_dim": "bottleneck width of DEA's key/value paths",
-    "router": "market (capital auction), softmax (top-k gating + balance loss) or dense (one FFN, no experts)",
-    "total_capital": "capital per layer, shared by its experts (conserved by the market)",
-    "trade_fraction": "fraction of a layer's capital paid by winners each optimizer step",
-    "floor_share": "capital floor as a fraction of the mean capital",
-    "tax_threshold": "capital above this multiple of the mean is taxed",
-    "tax_rate": "tax rate on capital above the threshold",
-    "capital_cap": "hard ceiling on capital as a multiple of the mean",
-    "wealth_weight": "weight of log relative capital in the log-bid",
-    "affinity_weight": "weight of the critic's affinity (long/short) in the log-bid",
-    "bid_noise": "std of Gaussian noise on log-bids while training (exploration)",
-    "critic_coef": "weight of the critic's losses (difficulty regression, affinity classification)",
-    "critic_samples": "settled (token, expert) outcomes kept per layer to train the critic's affinity",
-    "balance_coef": "weight of the auxiliary balance loss (softmax router only)",
-    "data_path": "training data: text, .jsonl ({'text': ...} per line), or RWKV binidx prefix/.bin; "
-                 "empty = the built-in corpus (this Python's standard library source)",
-    "data_roots": "several data sources, sampled by --mix weights",
-    "mix": "sampling weights of --data-roots (default: equal)",
-    "cache_dir": "where tokenized text is cached as uint16 .bin",
-    "val_fraction": "fraction at the end of each source held out for validation",
-    "micro_bsz": "sequences per micro-batch (per process)",
-    "grad_accum": "micro-batches per optimizer step",
-    "max_steps": "optimizer steps to train",
-    "prewarm_steps": "steps of the prewarm phase (backbone and RWKV experts frozen)",
-    "warmup_steps": "steps of the warmup phase after prewarm (all trained, LR ramps up)",
-    "lr": "peak learning rate",
-    "min_lr": "final learning rate of the cosine decay",
-    "weight_decay": "AdamW weight decay on matrices",
-    "grad_clip": "gradient-norm clip",
-    "eval_interval": "steps between validation evaluations",
-    "eval_iters": "validation batches per evaluation",
-    "save_interval": "steps between checkpoints",
-    "out_dir": "directory for ckpt.pt and metrics.jsonl",
-    "seed": "random seed",
-    "device": "auto, cpu, cuda or cuda:N",
-    "amp": "bf16 autocast on CUDA",
-    "compile": "torch.compile the model",
-}
+
+def _in_range(value: float, interval: str) -> bool:
+    """value in an interval written "[lo, hi)", "(lo, inf)", ..."""
+    lo, hi = (float(b) for b in interval[1:-1].split(","))
+    return (lo <= value if interval[0] == "[" else lo < value) and (value <= hi if interval[-1] == "]" else value < hi)
+
+
+def validate_config(cfg: CaMoEConfig) -> None:
+    """Every setting checked before anything heavy starts; a bad one is one ValueError line naming its flag."""
+    flag = lambda name: "--" + name.replace("_", "-")
+    for f in dataclasses.fields(cfg):
+        interval = f.metadata.get("range")
+        if interval and not _in_range(getattr(cfg, f.name), interval):
+            raise ValueError(f"{flag(f.name)} must be in {interval}, got {getattr(cfg, f.name)}")
+    problems = [
+        (cfg.router not in ROUTERS, f"--router must be one of {', '.join(ROUTERS)}, got {cfg.router!r}"),
+        (cfg.n_embd % cfg.head_size, f"--n-embd {cfg.n_embd} is not a multiple of --head-size {cfg.head_size}"),
+        (cfg.router != "dense" and cfg.num_trans_experts and cfg.n_embd % cfg.trans_heads,
+         f"--n-embd {cfg.n_embd} is not a multiple of --trans-heads {cfg.trans_heads}"),
+        (cfg.router != "dense" and not 2 <= cfg.top_k <= cfg.num_experts,  # one winner: weight 1, no router gradient
+         f"--top-k {cfg.top_k} must be between 2 and the {cfg.num_experts} experts per block"),
+        (cfg.min_lr > cfg.lr, f"--min-lr {cfg.min_lr} is above --lr {cfg.lr}"),
+        (cfg.mix and len(cfg.mix) != len(cfg.data_roots or [cfg.data_path]),
+         f"--mix has {len(cfg.mix)} weights for {len(cfg.data_roots or [cfg.data_path])} data source(s)"),
+        (any(m < 0 for m in cfg.mix) or (cfg.mix and sum(cfg.mix) <= 0), f"--mix weights must be >= 0 with a "
+                                                                          f"positive sum, got {cfg.mix}"),
+    ]
+    for bad, message in problems:
+        if bad:
+            raise ValueError(message)
 
 
 def token_shift(x: torch.Tensor) -> torch.Tensor:
@@ -626,12 +627,14 @@ class CaMoE_Block(nn.Module):
         if cfg.router == "dense":
             self.ffn = SparseRWKVFFN(cfg, layer_id, cfg.top_k * cfg.ffn_mult * C)
             return
-        self.critic = CriticVC(cfg)
         self.router = SparseRouter(cfg)
-        self.capital = CapitalManager(cfg)
         self.experts = nn.ModuleList(
             [SparseRWKVFFN(cfg, layer_id, cfg.ffn_mult * C) for _ in range(cfg.num_rwkv_experts)]
             + [LinearTransformerExpert(cfg) for _ in range(cfg.num_trans_experts)])
+        if cfg.router == "softmax":
+            return
+        self.critic = CriticVC(cfg)
+        self.capital = CapitalManager(cfg)
         S = cfg.critic_samples  # the last settled outcomes, kept as buffers so a resumed run trains the same critic
         self.register_buffer("critic_h", torch.zeros(S, C))
         self.register_buffer("critic_expert", torch.zeros(S, dtype=torch.long))
@@ -659,8 +662,12 @@ class CaMoE_Block(nn.Module):
         B, T, C = h.shape
         N, E, k = B * T, cfg.num_experts, cfg.top_k
         hf, h_prev, ro = h.reshape(N, C), token_shift(h).reshape(N, C), readout.reshape(N, C)
-        difficulty, affinity = self.critic(hf.detach())                             # (N,), (N, E)
-        winners, weights, price, bids = self.router(hf, self.capital.wealth(), difficulty, affinity)
+        if cfg.router == "market":
+            difficulty, affinity = self.critic(hf.detach())                         # (N,), (N, E)
+            winners, weights, price, bids = self.router(hf, self.capital.wealth(), difficulty, affinity)
+        else:
+            difficulty = None
+            winners, weights, price, bids = self.router(hf)
         expert = winners.reshape(-1)                                                  # (N*k,)
         order = torch.argsort(expert, stable=True)                                    # grouped by expert, tokens in order
         expert, token, weight = expert[order], order // k, weights.reshape(-1)[order]
@@ -674,19 +681,28 @@ class CaMoE_Block(nn.Module):
             else:
                 prefix = bridge(hf[rows], ro[rows])                                   # (n, P, R)
                 outputs.append(self.experts[e](hf[rows], prefix, rows // T, B))
-        outputs = torch.cat(outputs)                                                  # (N*k, C)
-        sink = torch.zeros(len(token), device=h.device) if self.training else None
-        moe = _CombineExperts.apply(weight, outputs, token, N, sink).view(B, T, C)
+        moe = self._combine(weight, torch.cat(outputs), token, expert, price, hf).view(B, T, C)
         info = {"counts": counts, "price": price}
         if cfg.router == "softmax":
             share = counts.float() / (N * k)
             info["balance_loss"] = E * (share * bids.mean(0)).sum()
-        if self.training and torch.is_grad_enabled() and cfg.router == "market":
-            owed = torch.zeros(E, device=h.device).index_add_(0, expert, price[token])
-            sample = torch.randperm(len(token), device=h.device)[:cfg.critic_samples]
-            self.pending.append(dict(owed=owed, total_price=price.sum() * k, expert=expert, sink=sink,
-                                     sample=sample, sample_h=hf[token[sample]].detach()))
         return moe, difficulty, info
+
+    @torch.compiler.disable
+    def _combine(self, weight, outputs, token, expert, price, hf):
+        """Sum each token's weighted expert outputs (N, C) and, when training the market, record what this
+        micro-batch owes and where its backward pass will write each assignment's value. Always eager: under
+        torch.compile a traced autograd.Function would lose the value sink written in its backward."""
+        cfg = self.cfg
+        market = self.training and torch.is_grad_enabled() and cfg.router == "market"
+        sink = torch.zeros(len(token), device=hf.device) if market else None
+        moe = _CombineExperts.apply(weight, outputs, token, len(hf), sink)
+        if market:
+            owed = torch.zeros(cfg.num_experts, device=hf.device).index_add_(0, expert, price[token])
+            sample = torch.randperm(len(token), device=hf.device)[:cfg.critic_samples]
+            self.pending.append(dict(owed=owed, total_price=price.sum() * cfg.top_k, expert=expert, sink=sink,
+                                     sample=sample, sample_h=hf[token[sample]].detach()))
+        return moe
 
     def critic_affinity_loss(self) -> torch.Tensor | None:
         """BCE of the critic's affinity on the last settled outcomes (None before the first settlement)."""
@@ -734,13 +750,12 @@ class CaMoE_System(nn.Module):
 
     def __init__(self, cfg: CaMoEConfig):
         super().__init__()
-        if cfg.router not in ("market", "softmax", "dense"):
-            raise ValueError(f"router must be market, softmax or dense, got {cfg.router!r}")
-        if cfg.router != "dense" and not 2 <= cfg.top_k <= cfg.num_experts:  # one winner: weight 1, no router gradient
-            raise ValueError(f"top_k {cfg.top_k} must be between 2 and the {cfg.num_experts} experts")
+        validate_config(cfg)
         self.cfg = cfg
         self.emb = nn.Embedding(cfg.vocab_size, cfg.n_embd)
         nn.init.uniform_(self.emb.weight, -1e-4, 1e-4)
+        if cfg.compact_vocab:  # model id i is world-tokenizer id vocab_ids[i]; set from the data, saved with the weights
+            self.register_buffer("vocab_ids", torch.arange(cfg.vocab_size))
         if cfg.use_deep_embed_attention and cfg.use_shared_deep_embed:
             self.deep_embed = SharedDeepEmbed(cfg)
         if cfg.router != "dense" and cfg.num_trans_experts > 0:
@@ -766,7 +781,7 @@ class CaMoE_System(nn.Module):
         token_loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), reduction="none")
         loss = token_loss.mean()
         total = loss
-        if cfg.router != "dense":
+        if cfg.router == "market":
             critic = sum(F.smooth_l1_loss(d, token_loss.detach()) for d in difficulties) / cfg.n_layer
             affinity = [a for a in (b.critic_affinity_loss() for b in self.blocks) if a is not None]
             if affinity:
@@ -794,18 +809,15 @@ class CaMoE_System(nn.Module):
         ledgers = [b.settle(t) for b, t in zip(blocks, totals)]
         return {"ledgers": ledgers, "tokens": totals[:, 2]}
 
-    def phase_groups(self) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
-        """(trained in prewarm, frozen in prewarm): prewarm trains transformer experts, bridge, critic, router,
-        DEA and DeepEmbed; the embedding, norms, time mixing, RWKV experts and head wait for warmup."""
-        cfg = self.cfg
-        prewarm, frozen = [], []
-        for name, p in self.named_parameters():
-            parts = name.split(".")
-            trains = any(s in parts for s in ("bridge", "deep_embed", "critic", "router", "dea"))
-            if "experts" in parts and int(parts[parts.index("experts") + 1]) >= cfg.num_rwkv_experts:
-                trains = True
-            (prewarm if trains else frozen).append(p)
-        return prewarm, frozen
+    def prewarm_frozen(self) -> list[nn.Parameter]:
+        """The parameters prewarm freezes, those a base model brings: embedding, norms, time mixing, the RWKV
+        experts (or the dense FFN) and the head. Transformer experts, bridge, critic, router, DEA and DeepEmbed
+        train from the start."""
+        modules = [self.emb, self.ln_out, self.head]
+        for block in self.blocks:
+            modules += [block.ln1, block.ln2, block.att] + ([block.ln0] if block.layer_id == 0 else [])
+            modules += list(block.experts[:self.cfg.num_rwkv_experts]) if hasattr(block, "experts") else [block.ffn]
+        return [p for m in modules for p in m.parameters()]
 
 
 def gini(x: torch.Tensor) -> float:
@@ -865,7 +877,8 @@ def read_binidx(prefix: str) -> np.ndarray:
 
 
 def _iter_documents(path: str):
-    """Documents of a text file (the whole file) or a JSONL file (the 'text' field of each line)."""
+    """Documents of a text file (the whole file) or a JSONL file (the 'text' field of each line); a file that
+    is not text is refused rather than tokenised as noise."""
     if path.endswith((".jsonl", ".json")):
         with open(path, encoding="utf-8") as f:
             for n, line in enumerate(f, 1):
@@ -877,8 +890,12 @@ def _iter_documents(path: str):
                     raise ValueError(f"{path}:{n}: not a JSON object with a 'text' field ({exc})") from None
                 yield str(text)
     else:
-        with open(path, encoding="utf-8", errors="replace") as f:
-            yield f.read()
+        with open(path, "rb") as f:
+            raw = f.read()
+        text = raw.decode("utf-8", errors="replace")
+        if b"\0" in raw or text.count("\ufffd") > 0.01 * len(text):  # a stray bad byte is fine, binary is not
+            raise ValueError(f"{path}: not UTF-8 text (binary content); give text, .jsonl, or a binidx prefix")
+        yield text
 
 
 @functools.cache
@@ -929,15 +946,29 @@ def load_tokens(path: str, cache_dir: str) -> np.ndarray:
     return tokenize_to_cache([path], cache_dir, path)
 
 
+def compact_vocabulary(sources: list[np.ndarray], chunk: int = 1 << 24) -> np.ndarray:
+    """The sorted distinct token ids of the sources (all of each, validation included, so that no held-out
+    token is out of vocabulary), counted in chunks so a memory-mapped source is never loaded whole."""
+    seen = np.zeros(1, dtype=bool)
+    for src in sources:
+        for start in range(0, len(src), chunk):
+            counts = np.bincount(np.asarray(src[start:start + chunk], dtype=np.int64))
+            if len(counts) > len(seen):
+                seen = np.pad(seen, (0, len(counts) - len(seen)))
+            seen[:len(counts)] |= counts > 0
+    return np.flatnonzero(seen)
+
+
 class TokenData:
     """Random windows of T+1 tokens from several sources, each chosen with probability mix[i].
 
     The last val_fraction of each source (at least one window) is validation; training windows never reach
     into it. Sampling uses its own numpy generator, saved in checkpoints so a resumed run sees the same batches.
+    With vocab_ids (the compact vocabulary: model id i is token vocab_ids[i]) batches come renumbered.
     """
 
     def __init__(self, sources: list[np.ndarray], mix: list[float], ctx_len: int, val_fraction: float,
-                 vocab_size: int, seed: int, names: list[str]):
+                 vocab_size: int, seed: int, names: list[str], vocab_ids: np.ndarray | None = None):
         if len(mix) != len(sources) or any(m < 0 for m in mix) or sum(mix) <= 0:
             raise ValueError(f"--mix needs one non-negative weight per data source ({len(sources)}), got {mix}")
         self.T, self.vocab_size, self.names = ctx_len, vocab_size, names
@@ -949,6 +980,10 @@ class TokenData:
             self.splits.append((src[:len(src) - n_val], src[len(src) - n_val:]))
         self.mix = np.asarray(mix, dtype=np.float64) / sum(mix)
         self.rng = np.random.Generator(np.random.PCG64(seed))
+        self.lookup, self.vocab_ids = None, vocab_ids
+        if vocab_ids is not None:  # token id -> model id, -1 for a token outside the vocabulary
+            self.lookup = np.full(max(int(vocab_ids.max()) + 1, 1 << 16), -1, dtype=np.int64)
+            self.lookup[vocab_ids] = np.arange(len(vocab_ids))
 
     def batch(self, B: int, split: str = "train", rng: np.random.Generator | None = None):
         """(x, y) int64 (B, T): y is x shifted by one token."""
@@ -959,10 +994,17 @@ class TokenData:
             src = self.splits[i][0 if split == "train" else 1]
             start = int(rng.integers(0, len(src) - self.T))
             rows.append(np.asarray(src[start:start + self.T + 1], dtype=np.int64))
-        data = torch.from_numpy(np.stack(rows))
+        data = np.stack(rows)
+        if self.lookup is not None:
+            mapped = self.lookup[data]
+            if (mapped < 0).any():
+                raise ValueError(f"token id {int(data[mapped < 0][0])} in {[self.names[i] for i in set(which.tolist())]}"
+                                 f" is not in the checkpoint's compact vocabulary (the data changed since it was built)")
+            data = mapped
         if int(data.max()) >= self.vocab_size or int(data.min()) < 0:
             raise ValueError(f"token id {int(data.max())} out of range for vocab_size {self.vocab_size} "
                              f"in {[self.names[i] for i in set(which.tolist())]}")
+        data = torch.from_numpy(data)
         return data[:, :-1], data[:, 1:]
 
     def state_dict(self) -> dict:
@@ -972,8 +1014,11 @@ class TokenData:
         self.rng.bit_generator.state = state
 
 
-def build_data(cfg: CaMoEConfig, rank: int, is_ddp: bool) -> TokenData:
-    """Tokenize (rank 0 first, the others wait and reuse its cache) and open every configured source."""
+def build_data(cfg: CaMoEConfig, rank: int, is_ddp: bool,
+               vocab_ids: np.ndarray | None = None) -> tuple[TokenData, CaMoEConfig]:
+    """Tokenize (rank 0 first, the others wait and reuse its cache) and open every configured source. With
+    compact_vocab the vocabulary is vocab_ids (a resumed run's) or built from the data, and the returned
+    config's vocab_size is its size."""
     paths = cfg.data_roots or [cfg.data_path]
     mix = cfg.mix or [1.0] * len(paths)
     if is_ddp and rank != 0:
@@ -981,8 +1026,13 @@ def build_data(cfg: CaMoEConfig, rank: int, is_ddp: bool) -> TokenData:
     sources = [load_tokens(p, cfg.cache_dir) for p in paths]
     if is_ddp and rank == 0:
         dist.barrier()
+    if cfg.compact_vocab:
+        vocab_ids = compact_vocabulary(sources) if vocab_ids is None else vocab_ids
+        cfg = dataclasses.replace(cfg, vocab_size=len(vocab_ids))
     names = [p or "built-in corpus" for p in paths]
-    return TokenData(sources, mix, cfg.ctx_len, cfg.val_fraction, cfg.vocab_size, cfg.seed + rank, names)
+    data = TokenData(sources, mix, cfg.ctx_len, cfg.val_fraction, cfg.vocab_size, cfg.seed + rank, names,
+                     vocab_ids if cfg.compact_vocab else None)
+    return data, cfg
 
 
 # -----------------------------------------------------------------------------
@@ -990,15 +1040,13 @@ def build_data(cfg: CaMoEConfig, rank: int, is_ddp: bool) -> TokenData:
 
 
 def phase_and_lr(cfg: CaMoEConfig, step: int) -> tuple[str, float]:
-    """prewarm: constant lr; warmup: linear ramp from 0.1 lr to lr; normal: cosine decay to min_lr."""
+    """prewarm: constant lr; then common.cosine_lr: a linear ramp over warmup_steps, cosine decay to min_lr."""
     if step < cfg.prewarm_steps:
         return "prewarm", cfg.lr
     step -= cfg.prewarm_steps
-    if step < cfg.warmup_steps:
-        return "warmup", cfg.lr * (0.1 + 0.9 * step / cfg.warmup_steps)
-    step -= cfg.warmup_steps
-    total = max(cfg.max_steps - cfg.prewarm_steps - cfg.warmup_steps, 1)
-    return "normal", cfg.min_lr + 0.5 * (1 + math.cos(math.pi * min(step / total, 1.0))) * (cfg.lr - cfg.min_lr)
+    lr = cosine_lr(step, lr=cfg.lr, warmup_steps=cfg.warmup_steps, min_lr=cfg.min_lr,
+                   total_steps=max(cfg.max_steps - cfg.prewarm_steps, cfg.warmup_steps + 1))
+    return ("warmup" if step < cfg.warmup_steps else "normal"), lr
 
 
 def make_optimizer(model: CaMoE_System, cfg: CaMoEConfig, device: torch.device) -> torch.optim.AdamW:
@@ -1033,7 +1081,7 @@ def estimate_val_loss(model: CaMoE_System, data: TokenData, cfg: CaMoEConfig, de
 
 
 def train_step(model, raw, optimizer, data, cfg, device, step, is_ddp, world) -> dict:
-    """One optimizer step: grad_accum micro-batches, market settlement, clip, frozen groups dropped, AdamW."""
+    """One optimizer step: grad_accum micro-batches, market settlement, clip, AdamW."""
     phase, lr = phase_and_lr(cfg, step)
     for group in optimizer.param_groups:
         group["lr"] = lr
@@ -1056,9 +1104,6 @@ def train_step(model, raw, optimizer, data, cfg, device, step, is_ddp, world) ->
             (total / cfg.grad_accum).backward()
         losses.append(loss.item())
     market = raw.settle_market(world, prewarm=phase == "prewarm")
-    if phase == "prewarm":  # frozen parameters: drop their gradients before clipping, so AdamW skips them
-        for p in raw.phase_groups()[1]:
-            p.grad = None
     grad_norm = torch.nn.utils.clip_grad_norm_(raw.parameters(), cfg.grad_clip)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
@@ -1131,130 +1176,238 @@ def restore_rng(rngs: list[dict], data: TokenData, rank: int, seed: int, step: i
         torch.cuda.set_rng_state_all(rngs[rank]["cuda"])
 
 
+def resume_config(path: Path, explicit: dict) -> tuple[dict, CaMoEConfig]:
+    """The checkpoint and its config with the flags given now applied; flags that would change a weight's
+    shape are refused, since the saved weights could not be loaded into that model."""
+    ckpt, saved = load_checkpoint(path, CaMoEConfig)
+    absent = {"model", "optimizer", "step", "rng"} - set(ckpt)
+    if absent:
+        raise ValueError(f"{path}: not a CaMoE training checkpoint (no {', '.join(sorted(absent))})")
+    for name in SHAPE_FIELDS:
+        if name in explicit and explicit[name] != getattr(saved, name):
+            raise ValueError(f"{path} was trained with --{name.replace('_', '-')} {getattr(saved, name)}; a resumed "
+                             f"run keeps the model's shape (got {explicit[name]}; use a new --out-dir to start another)")
+    cfg = dataclasses.replace(saved, **explicit)
+    validate_config(cfg)
+    return ckpt, cfg
+
+
+def available_memory(device: torch.device) -> int:
+    """Bytes free for training on device: the GPU's free memory, or the host's MemAvailable."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        with open("/proc/meminfo") as f:
+            return int(next(line for line in f if line.startswith("MemAvailable")).split()[1]) * 1024
+    except (OSError, StopIteration):
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def training_memory(cfg: CaMoEConfig) -> tuple[int, int, int]:
+    """(parameters, bytes of fp32 weights + gradients + AdamW moments, rough bytes of one micro-batch's
+    activations), from a model built on the meta device (no memory, a second even at 1.5b)."""
+    with torch.device("meta"):
+        n_params = sum(p.numel() for p in CaMoE_System(cfg).parameters())
+    # kept for backward, in fp32: about 96 width-C tensors per layer per token (time mixing and its LoRAs, DEA,
+    # the experts' gathers and 4C hidden) and 4 copies of the logits; calibrated on 0.1b at 4 x 512, which
+    # peaked at 14.0 GiB resident against 14.1 estimated. bf16 autocast on CUDA needs less.
+    activations = cfg.micro_bsz * cfg.ctx_len * (96 * cfg.n_layer * cfg.n_embd + 4 * cfg.vocab_size) * 4
+    return n_params, 16 * n_params, activations
+
+
+def check_memory(cfg: CaMoEConfig, device: torch.device) -> None:
+    """Say what a run will cost, and refuse in one line when the device cannot hold it."""
+    n_params, states, activations = training_memory(cfg)
+    free = available_memory(device)
+    need = states + activations
+    line = (f"size {cfg.size}: {n_params / 1e6:.1f}M parameters; training needs about {need / 2**30:.1f} GiB "
+            f"(weights, gradients and AdamW {states / 2**30:.1f} GiB + activations {activations / 2**30:.1f} GiB), "
+            f"{device} has {free / 2**30:.1f} GiB free")
+    if need > free:
+        raise ValueError(line + "; choose a smaller --size or --micro-bsz")
+    print(line)
+
+
+def wrap_model(raw: CaMoE_System, cfg: CaMoEConfig, device: torch.device, is_ddp: bool) -> nn.Module:
+    """The module the training loop calls: raw, torch.compiled if asked, in DDP under torchrun."""
+    model = raw
+    if cfg.compile:
+        import torch._functorch.config as aot_config
+        if hasattr(aot_config, "view_replay_for_aliased_outputs"):
+            # torch 2.13 regenerates aliased outputs of time mixing with garbage shapes through view replay
+            aot_config.view_replay_for_aliased_outputs = False
+        model = torch.compile(raw)
+    if is_ddp:
+        from torch.nn.parallel import DistributedDataParallel as DDP
+        # market buffers stay in step through all-reduced totals; the critic's samples are per rank
+        no_buffer_sync = ({"forward_sync_buffers": False} if "forward_sync_buffers" in
+                          inspect.signature(DDP).parameters else {"broadcast_buffers": False})
+        model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None,
+                    find_unused_parameters=True, **no_buffer_sync)
+    return model.train()
+
+
+def load_training_state(ckpt: dict, path: Path, raw: CaMoE_System, optimizer, data: TokenData, cfg: CaMoEConfig,
+                        rank: int) -> tuple[int, str]:
+    """Put a checkpoint's weights, optimizer moments and random streams in place; returns (step, run id)."""
+    try:
+        missing, unexpected = raw.load_state_dict(ckpt["model"], strict=False)
+    except RuntimeError as exc:  # a size mismatch: the weights are not this config's
+        raise ValueError(f"{path}: its weights do not fit its config ({str(exc).splitlines()[-1].strip()})") from None
+    if unexpected or any(not k.startswith(("blocks.", "deep_embed", "bridge")) for k in missing):
+        raise ValueError(f"{path}: checkpoint does not fit this model (missing {missing[:3]}, "
+                         f"unexpected {unexpected[:3]})")
+    new_params = [k for k, _ in raw.named_parameters() if k in missing]
+    if missing:
+        print(f"note: {len(missing)} parameters/buffers new since this checkpoint start from their initial values")
+    if new_params:  # AdamW's saved state is indexed by position, which no longer lines up
+        print("note: the optimizer state does not fit the grown model; AdamW restarts its moments")
+    else:
+        optimizer.load_state_dict(ckpt["optimizer"])
+    step = ckpt["step"]
+    restore_rng(ckpt["rng"], data, rank, cfg.seed, step)
+    return step, ckpt.get("run_id", uuid.uuid4().hex[:8])
+
+
 def train(cfg: CaMoEConfig, resume: bool = False, explicit: dict | None = None) -> None:
     """Train (or resume) per cfg; writes out_dir/ckpt.pt and out_dir/metrics.jsonl (rank 0)."""
-    from tqdm import tqdm
     is_ddp, rank, _, world, device = setup_ddp()
-    try:
-        if not is_ddp:
-            device = pick_device(cfg.device)
-        out_dir = Path(cfg.out_dir)
-        ckpt_path = out_dir / "ckpt.pt"
-        ckpt = None
-        if resume:
-            ckpt, saved = load_checkpoint(ckpt_path, CaMoEConfig)
-            absent = {"model", "optimizer", "step", "rng"} - set(ckpt)
-            if absent:
-                raise ValueError(f"{ckpt_path}: not a CaMoE training checkpoint (no {', '.join(sorted(absent))})")
-            cfg = dataclasses.replace(saved, **(explicit or {}))
-        seed_everything(cfg.seed + rank)
-        data = build_data(cfg, rank, is_ddp)
-        raw = CaMoE_System(cfg).to(device)
-        optimizer = make_optimizer(raw, cfg, device)
-        step, run_id = 0, uuid.uuid4().hex[:8]
-        if ckpt is not None:
-            missing, unexpected = raw.load_state_dict(ckpt["model"], strict=False)
-            if unexpected or any(not k.startswith(("blocks.", "deep_embed", "bridge")) for k in missing):
-                raise ValueError(f"{ckpt_path}: checkpoint does not fit this model (missing {missing[:3]}, "
-                                 f"unexpected {unexpected[:3]})")
-            new_params = [k for k, _ in raw.named_parameters() if k in missing]
-            if missing:
-                print(f"note: {len(missing)} parameters/buffers new since this checkpoint start from their initial values")
-            if new_params:  # AdamW's saved state is indexed by position, which no longer lines up
-                print("note: the optimizer state does not fit the grown model; AdamW restarts its moments")
-            else:
-                optimizer.load_state_dict(ckpt["optimizer"])
-            step, run_id = ckpt["step"], ckpt.get("run_id", run_id)
-            restore_rng(ckpt["rng"], data, rank, cfg.seed, step)
-        model = raw
-        if cfg.compile:
-            model = torch.compile(model)
-        if is_ddp:
-            from torch.nn.parallel import DistributedDataParallel as DDP
-            # market buffers stay in step through all-reduced totals; the critic's samples are per rank
-            no_buffer_sync = ({"forward_sync_buffers": False} if "forward_sync_buffers" in
-                              inspect.signature(DDP).parameters else {"broadcast_buffers": False})
-            model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None,
-                        find_unused_parameters=True, **no_buffer_sync)
-        model.train()
-        n_params = sum(p.numel() for p in raw.parameters())
-        if rank == 0:
-            print(f"CaMoE {cfg.version} size {cfg.size} router {cfg.router}: {n_params / 1e6:.1f}M parameters, "
-                  f"{cfg.n_layer} layers x {cfg.n_embd}, {cfg.num_rwkv_experts}R+{cfg.num_trans_experts}T experts, "
-                  f"top-{cfg.top_k}; device {device}, {world} process(es); run {run_id}, step {step}")
-        logger = MetricsLogger(out_dir / "metrics.jsonl" if rank == 0 else None)
-        tokens_per_step = cfg.micro_bsz * cfg.grad_accum * cfg.ctx_len * world
-        bar = tqdm(range(step, cfg.max_steps), initial=step, total=cfg.max_steps, disable=rank != 0,
-                   desc="train", unit="step")
-        stop = StopFlag()
-        stats = {}
-        try:
-            for step in bar:
-                t0 = time.time()
-                stats = train_step(model, raw, optimizer, data, cfg, device, step, is_ddp, world)
-                stats["tokens_per_s"] = tokens_per_step / (time.time() - t0)
-                last = step + 1 == cfg.max_steps
-                if cfg.eval_interval and ((step + 1) % cfg.eval_interval == 0 or last):
-                    stats["val_loss"] = estimate_val_loss(raw, data, cfg, device, rank, world)
-                logger.log(**stats)
-                bar.set_postfix(loss=f"{stats['loss']:.3f}", phase=stats["phase"],
-                                tok_s=f"{stats['tokens_per_s']:.0f}")
-                stopping = stop.agreed(is_ddp, device)
-                if (step + 1) % cfg.save_interval == 0 or last or stopping:
-                    save_checkpoint(ckpt_path, raw, optimizer, cfg, step + 1, data, run_id, rank, world)
-                if stopping:
-                    if rank == 0:
-                        print(f"\ninterrupted: saved {ckpt_path} after step {step + 1}; continue with --resume")
-                    raise SystemExit(130)
-        finally:
-            stop.restore()
-            logger.close()
-        if rank == 0 and "val_loss" in stats:
-            print(f"done: step {cfg.max_steps}, val loss {stats['val_loss']:.4f}, checkpoint {ckpt_path}")
+    try:  # the DDP wrapper lives inside train_loop, so it is gone before its process group is destroyed
+        device = device if is_ddp else pick_device(cfg.device)
+        cfg, data, raw, optimizer, step, run_id = prepare_run(cfg, resume, explicit or {}, is_ddp, rank, device)
+        train_loop(cfg, data, raw, optimizer, step, run_id, is_ddp, rank, world, device)
     finally:
         cleanup_ddp()
+
+
+def prepare_run(cfg: CaMoEConfig, resume: bool, explicit: dict, is_ddp: bool, rank: int, device: torch.device):
+    """The run's final config, data, model, optimizer, first step and run id: fresh, or from out_dir/ckpt.pt."""
+    ckpt_path = Path(cfg.out_dir) / "ckpt.pt"
+    ckpt = None
+    if resume:
+        ckpt, cfg = resume_config(ckpt_path, explicit)
+    elif cfg.prewarm_steps and "prewarm_steps" not in explicit:
+        # prewarm protects a base model's knowledge while the new parts catch up; from scratch there is none
+        cfg = dataclasses.replace(cfg, prewarm_steps=0)
+    seed_everything(cfg.seed + rank)
+    saved_vocab = ckpt["model"].get("vocab_ids") if ckpt is not None else None
+    data, cfg = build_data(cfg, rank, is_ddp, None if saved_vocab is None else saved_vocab.numpy())
+    if rank == 0:
+        check_memory(cfg, device)
+    raw = CaMoE_System(cfg).to(device)
+    if cfg.compact_vocab:
+        raw.vocab_ids.copy_(torch.from_numpy(data.vocab_ids))
+    optimizer = make_optimizer(raw, cfg, device)
+    step, run_id = 0, uuid.uuid4().hex[:8]
+    if ckpt is not None:
+        step, run_id = load_training_state(ckpt, ckpt_path, raw, optimizer, data, cfg, rank)
+    return cfg, data, raw, optimizer, step, run_id
+
+
+def train_loop(cfg: CaMoEConfig, data: TokenData, raw: CaMoE_System, optimizer, step: int, run_id: str,
+               is_ddp: bool, rank: int, world: int, device: torch.device) -> None:
+    """Steps from `step` to max_steps with evaluation, metrics, checkpoints and Ctrl-C handling."""
+    from tqdm import tqdm
+    out_dir = Path(cfg.out_dir)
+    ckpt_path = out_dir / "ckpt.pt"
+    frozen = raw.prewarm_frozen()
+    n_params = sum(p.numel() for p in raw.parameters())
+    if rank == 0:
+        print(f"CaMoE {cfg.version} size {cfg.size} router {cfg.router}: {n_params / 1e6:.1f}M parameters, "
+              f"{cfg.n_layer} layers x {cfg.n_embd}, {cfg.num_rwkv_experts}R+{cfg.num_trans_experts}T experts, "
+              f"top-{cfg.top_k}; device {device}, {world} process(es); run {run_id}, step {step}")
+    logger = MetricsLogger(out_dir / "metrics.jsonl" if rank == 0 else None)
+    tokens_per_step = cfg.micro_bsz * cfg.grad_accum * cfg.ctx_len * world
+    bar = tqdm(range(step, cfg.max_steps), initial=step, total=cfg.max_steps, disable=rank != 0,
+               desc="train", unit="step")
+    stop = StopFlag()
+    stats, model, in_prewarm = {}, None, None
+    try:
+        for step in bar:
+            if (step < cfg.prewarm_steps) != in_prewarm:  # (re)wrap so DDP and compile see what trains now
+                in_prewarm = step < cfg.prewarm_steps
+                for p in frozen:  # frozen parameters get no gradient at all, not one computed and dropped
+                    p.requires_grad_(not in_prewarm)
+                model = wrap_model(raw, cfg, device, is_ddp)
+            t0 = time.time()
+            stats = train_step(model, raw, optimizer, data, cfg, device, step, is_ddp, world)
+            stats["tokens_per_s"] = tokens_per_step / (time.time() - t0)
+            last = step + 1 == cfg.max_steps
+            if cfg.eval_interval and ((step + 1) % cfg.eval_interval == 0 or last):
+                stats["val_loss"] = estimate_val_loss(raw, data, cfg, device, rank, world)
+            logger.log(**stats)
+            bar.set_postfix(loss=f"{stats['loss']:.3f}", phase=stats["phase"],
+                            tok_s=f"{stats['tokens_per_s']:.0f}")
+            stopping = stop.agreed(is_ddp, device)
+            if (step + 1) % cfg.save_interval == 0 or last or stopping:
+                save_checkpoint(ckpt_path, raw, optimizer, cfg, step + 1, data, run_id, rank, world)
+            if stopping:
+                if rank == 0:
+                    print(f"\ninterrupted: saved {ckpt_path} after step {step + 1}; continue with --resume")
+                raise SystemExit(130)
+    finally:
+        stop.restore()
+        logger.close()
+    if rank == 0 and "val_loss" in stats:
+        print(f"done: step {cfg.max_steps}, val loss {stats['val_loss']:.4f}, checkpoint {ckpt_path}")
 
 
 # -----------------------------------------------------------------------------
 # benchmark
 
 
-def bench(cfg: CaMoEConfig, steps: int) -> list[dict]:
-    """Training tokens/s (forward, backward, settlement, AdamW) of market vs softmax vs dense, one run."""
+def bench(cfg: CaMoEConfig, steps: int, warmup: int = 2) -> list[dict]:
+    """Training step (forward, backward, settlement, AdamW) of market vs softmax vs dense on one batch of the
+    configured data. The routers take turns step by step (the order rotating), so a change of load on the
+    machine hits all three alike; wall time and this process's CPU time are both reported, as medians."""
     device = pick_device(cfg.device)
-    results = []
-    x = torch.randint(0, cfg.vocab_size, (cfg.micro_bsz, cfg.ctx_len + 1), generator=torch.Generator().manual_seed(0))
-    x, y = x[:, :-1].to(device), x[:, 1:].to(device)
-    for router in ("market", "softmax", "dense"):
+    data, cfg = build_data(cfg, 0, False)
+    x, y = (t.to(device) for t in data.batch(cfg.micro_bsz))
+    runs = {}
+    for router in ROUTERS:
         c = dataclasses.replace(cfg, router=router)
         torch.manual_seed(cfg.seed)
         model = CaMoE_System(c).to(device).train()
-        optimizer = make_optimizer(model, c, device)
+        runs[router] = dict(model=model, optimizer=make_optimizer(model, c, device), wall=[], cpu=[], amp=c.amp)
 
-        def one_step():
-            with bf16_autocast(device, c.amp):
-                _, (total, _), _ = model(x, y)
-            total.backward()
-            model.settle_market()
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+    def one_step(run):
+        with bf16_autocast(device, run["amp"]):
+            _, (total, _), _ = run["model"](x, y)
+        total.backward()
+        run["model"].settle_market()
+        run["optimizer"].step()
+        run["optimizer"].zero_grad(set_to_none=True)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
 
-        seconds = float(np.mean(time_calls(one_step, device, steps, warmup=2)))
+    for rep in range(warmup + steps):
+        for router in ROUTERS[rep % 3:] + ROUTERS[:rep % 3]:
+            wall, cpu = time.perf_counter(), time.process_time()
+            one_step(runs[router])
+            if rep >= warmup:
+                runs[router]["wall"].append(time.perf_counter() - wall)
+                runs[router]["cpu"].append(time.process_time() - cpu)
+    results = []
+    for router, run in runs.items():
+        model = run["model"]
         active = sum(p.numel() for n, p in model.named_parameters() if ".experts." not in n)
         if router != "dense":
             per_expert = [sum(p.numel() for p in e.parameters()) for e in model.blocks[0].experts]
-            active += c.n_layer * c.top_k * float(np.mean(per_expert))
-        results.append(dict(router=router, tokens_per_s=x.numel() / seconds, ms_per_step=seconds * 1e3,
-                            active_params=active))
-    base = {r["router"]: r["tokens_per_s"] for r in results}
-    print(f"CaMoE training throughput, size {cfg.size}, B={cfg.micro_bsz} T={cfg.ctx_len}, device {device}, "
-          f"{steps} timed steps each")
-    print(f"{'router':>8} {'tokens/s':>10} {'ms/step':>9} {'active params':>14} {'x softmax':>10}")
+            active += cfg.n_layer * cfg.top_k * float(np.mean(per_expert))
+        wall, cpu = float(np.median(run["wall"])), float(np.median(run["cpu"]))
+        results.append(dict(router=router, tokens_per_s=x.numel() / wall, ms_per_step=wall * 1e3,
+                            cpu_ms_per_step=cpu * 1e3, active_params=active))
+    by = {r["router"]: r for r in results}
+    print(f"CaMoE training step, size {cfg.size}, B={cfg.micro_bsz} T={cfg.ctx_len} vocab {cfg.vocab_size}, "
+          f"device {device}, {steps} interleaved timed steps per router (medians)")
+    print(f"{'router':>8} {'tokens/s':>10} {'ms/step':>9} {'CPU ms/step':>12} {'active params':>14}")
     for r in results:
-        print(f"{r['router']:>8} {r['tokens_per_s']:>10.0f} {r['ms_per_step']:>9.1f} "
-              f"{r['active_params'] / 1e6:>13.2f}M {r['tokens_per_s'] / base['softmax']:>10.2f}")
-    print(f"market / softmax = {base['market'] / base['softmax']:.2f}x (target >= 0.9), "
-          f"market / dense = {base['market'] / base['dense']:.2f}x")
+        print(f"{r['router']:>8} {r['tokens_per_s']:>10.0f} {r['ms_per_step']:>9.1f} {r['cpu_ms_per_step']:>12.1f} "
+              f"{r['active_params'] / 1e6:>13.2f}M")
+    ratio = lambda a, b, key: by[b][key] / by[a][key]
+    print(f"market / softmax = {ratio('market', 'softmax', 'ms_per_step'):.2f}x wall, "
+          f"{ratio('market', 'softmax', 'cpu_ms_per_step'):.2f}x CPU (target >= 0.9); market / dense = "
+          f"{ratio('market', 'dense', 'ms_per_step'):.2f}x wall, {ratio('market', 'dense', 'cpu_ms_per_step'):.2f}x CPU")
     return results
 
 
@@ -1272,8 +1425,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--bench", action="store_true", help="print training tokens/s of market vs softmax vs "
                         "dense and exit")
     parser.add_argument("--bench-steps", type=int, default=5, help="timed steps per router in --bench (default 5)")
-    add_config_flags(parser, CaMoEConfig, helps=FIELD_HELP, label="0.4b",
-                     choices={"size": list(SIZES), "router": ["market", "softmax", "dense"]})
+    add_config_flags(parser, CaMoEConfig, label="0.4b", choices={"size": list(SIZES), "router": list(ROUTERS)})
     return parser
 
 
@@ -1289,6 +1441,10 @@ def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     cfg, explicit = config_from_args(args)
     try:
+        if args.bench_steps < 1:
+            raise ValueError(f"--bench-steps must be >= 1, got {args.bench_steps}")
+        if not args.resume:  # a resumed run is checked once its checkpoint's config is known
+            validate_config(cfg)
         if args.bench:
             bench(cfg, args.bench_steps)
         else:
