@@ -22,11 +22,12 @@ import dataclasses
 import functools
 import glob
 import hashlib
-import inspect
 import json
 import os
+import re
 import signal
 import struct
+import sys
 import time
 import uuid
 from contextlib import nullcontext
@@ -40,8 +41,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from common import (MetricsLogger, add_config_flags, atomic_save, atomic_write, bf16_autocast, builtin_corpus_files,
-                    cleanup_ddp, cosine_lr, given_flags, load_checkpoint, pick_device, seed_everything, setup_ddp)
-from rwkv7_kernel import wkv7
+                    cleanup_ddp, cosine_lr, given_flags, load_checkpoint, pick_device, read_checkpoint, sample_next,
+                    seed_everything, setup_ddp)
+from rwkv7_kernel import HEAD_SIZES, wkv7
 
 # -----------------------------------------------------------------------------
 # config
@@ -82,8 +84,13 @@ class CaMoEConfig:
     use_shared_deep_embed: bool = cfg_field(True, "one DeepEmbed table for all layers (else one per layer)")
     dea_q_dim: int = cfg_field(256, "query/key width of DeepEmbedAttention", "[1, inf)")
     dea_kv_dim: int = cfg_field(32, "bottleneck width of DEA's key/value paths", "[1, inf)")
-    router: str = cfg_field("market", "market (capital auction), softmax (top-k gating + balance loss) or dense "
-                                      "(one FFN, no experts)")
+    router: str = cfg_field("market", "market (capital auction), softmax (top-k gating + balance loss), dense "
+                                      "(one FFN, no experts) or base (every token to RWKV expert 0 with weight 1: "
+                                      "with --init-from, exactly the base model)")
+    lora_dims: list[int] = cfg_field([], "LoRA widths of time mixing: decay, in-context rate, value residual, gate "
+                                         "(empty = RWKV-7's formula from n_embd; --init-from reads them from the file)")
+    init_from: str = cfg_field("", "an RWKV-7 .pth in RWKV-LM's format to start from: its shapes set the model's, "
+                                   "its weights the backbone, and every RWKV expert starts as its layer's FFN")
     # market
     total_capital: float = cfg_field(10000.0, "capital per layer, shared by its experts (conserved by the market)",
                                      "(0, inf)")
@@ -145,11 +152,12 @@ SIZES = {
     "0.4b": dict(),
     "1.5b": dict(n_layer=24, n_embd=2048, trans_heads=32, micro_bsz=4, grad_accum=12, lr=2e-4, min_lr=2e-5),
 }
-ROUTERS = ("market", "softmax", "dense")
-# the fields that fix the shapes of the weights: a resumed run cannot change them
+ROUTERS = ("market", "softmax", "dense", "base")
+# the fields a resumed run cannot change: they fix the weights' shapes, or (total_capital) the saved capital's sum
 SHAPE_FIELDS = ("n_layer", "n_embd", "head_size", "vocab_size", "compact_vocab", "num_rwkv_experts",
                 "num_trans_experts", "ffn_mult", "trans_heads", "prefix_len", "bridge_rank",
-                "use_deep_embed_attention", "use_shared_deep_embed", "dea_q_dim", "dea_kv_dim", "router", "top_k")
+                "use_deep_embed_attention", "use_shared_deep_embed", "dea_q_dim", "dea_kv_dim", "router",
+                "lora_dims", "critic_samples", "total_capital")
 
 
 def _in_range(value: float, interval: str) -> bool:
@@ -167,10 +175,15 @@ def validate_config(cfg: CaMoEConfig) -> None:
             raise ValueError(f"{flag(f.name)} must be in {interval}, got {getattr(cfg, f.name)}")
     problems = [
         (cfg.router not in ROUTERS, f"--router must be one of {', '.join(ROUTERS)}, got {cfg.router!r}"),
+        (cfg.head_size not in HEAD_SIZES, f"--head-size must be one of {HEAD_SIZES} (the RWKV-7 kernels'), "
+                                          f"got {cfg.head_size}"),
         (cfg.n_embd % cfg.head_size, f"--n-embd {cfg.n_embd} is not a multiple of --head-size {cfg.head_size}"),
         (cfg.router != "dense" and cfg.num_trans_experts and cfg.n_embd % cfg.trans_heads,
          f"--n-embd {cfg.n_embd} is not a multiple of --trans-heads {cfg.trans_heads}"),
-        (cfg.router != "dense" and not 2 <= cfg.top_k <= cfg.num_experts,  # one winner: weight 1, no router gradient
+        (cfg.lora_dims and (len(cfg.lora_dims) != 4 or min(cfg.lora_dims) < 1),
+         f"--lora-dims needs 4 positive widths (decay, in-context rate, value residual, gate), got {cfg.lora_dims}"),
+        (cfg.router == "base" and cfg.num_rwkv_experts < 1, "--router base needs an RWKV expert (--num-rwkv-experts)"),
+        (cfg.router in ("market", "softmax") and not 2 <= cfg.top_k <= cfg.num_experts,  # one winner: no router gradient
          f"--top-k {cfg.top_k} must be between 2 and the {cfg.num_experts} experts per block"),
         (cfg.min_lr > cfg.lr, f"--min-lr {cfg.min_lr} is above --lr {cfg.lr}"),
         (cfg.mix and len(cfg.mix) != len(cfg.data_roots or [cfg.data_path]),
@@ -183,9 +196,11 @@ def validate_config(cfg: CaMoEConfig) -> None:
             raise ValueError(message)
 
 
-def token_shift(x: torch.Tensor) -> torch.Tensor:
-    """x (B, T, C) -> the previous token's x at each position (zeros at t=0)."""
-    return F.pad(x, (0, 0, 1, -1))
+def token_shift(x: torch.Tensor, prev: torch.Tensor | None = None) -> torch.Tensor:
+    """x (B, T, C) -> the previous token's x at each position: prev (B, C) at t=0 (zeros when None)."""
+    if prev is None:
+        return F.pad(x, (0, 0, 1, -1))
+    return torch.cat([prev.unsqueeze(1).to(x.dtype), x[:, :-1]], dim=1)
 
 
 # -----------------------------------------------------------------------------
@@ -234,13 +249,14 @@ class RWKV7_TimeMix(nn.Module):
         zigzag = zigzag * zigzag.abs()
         decay_speed = -6 + 6 * (n / (C - 1)) ** (1 + ratio_0_to_1 ** 0.3)
         self.w0 = nn.Parameter((decay_speed + 0.5 + zigzag * 2.5).view(1, 1, C))
-        self.w1, self.w2 = self._lora(C, _lora_dim(C, 2.5))
+        dims = cfg.lora_dims or [_lora_dim(C, 2.5), _lora_dim(C, 2.5), _lora_dim(C, 1.7), _lora_dim(C, 5, 0.8)]
+        self.w1, self.w2 = self._lora(C, dims[0])
         self.a0 = nn.Parameter((-0.19 + zigzag * 0.3 + linear * 0.4).view(1, 1, C))
-        self.a1, self.a2 = self._lora(C, _lora_dim(C, 2.5))
+        self.a1, self.a2 = self._lora(C, dims[1])
         if layer_id > 0:
             self.v0 = nn.Parameter((0.73 - linear * 0.4).view(1, 1, C))
-            self.v1, self.v2 = self._lora(C, _lora_dim(C, 1.7))
-        self.g1, self.g2 = self._lora(C, _lora_dim(C, 5, 0.8))
+            self.v1, self.v2 = self._lora(C, dims[2])
+        self.g1, self.g2 = self._lora(C, dims[3])
         self.k_k = nn.Parameter((0.71 - linear * 0.1).view(1, 1, C))
         self.k_a = nn.Parameter(torch.full((1, 1, C), 1.02))
         self.r_k = nn.Parameter(torch.full((H, N), -0.04))
@@ -262,11 +278,14 @@ class RWKV7_TimeMix(nn.Module):
         nn.init.orthogonal_(up, gain=0.1)
         return nn.Parameter(torch.zeros(C, D)), nn.Parameter(up)
 
-    def forward(self, x: torch.Tensor, v_first: torch.Tensor | None):
-        """x (B, T, C) -> (out (B, T, C), v_first (B, T, C), readout (B, T, C): the normalised state readout)."""
+    def forward(self, x: torch.Tensor, v_first: torch.Tensor | None, state: dict | None = None):
+        """x (B, T, C) -> (out (B, T, C), v_first (B, T, C), readout (B, T, C): the normalised state readout).
+        With state (RNN mode) the previous token's x and the recurrent state (B, H, N, N) are read from it and
+        written back, so that a sequence fed in pieces gives what it gives whole."""
         B, T, C = x.shape
         H, N = self.n_head, self.head_size
-        xx = token_shift(x) - x
+        rnn, state = state is not None, state if state is not None else {}
+        xx = token_shift(x, state.get("x")) - x
         xr, xw, xk, xv, xa, xg = (x + xx * mu for mu in (self.x_r, self.x_w, self.x_k, self.x_v, self.x_a, self.x_g))
         r = self.receptance(xr)
         w = -F.softplus(-(self.w0 + torch.tanh(xw @ self.w1) @ self.w2)) - 0.5
@@ -281,7 +300,10 @@ class RWKV7_TimeMix(nn.Module):
         kk = F.normalize((k * self.k_k).view(B, T, H, N), dim=-1).view(B, T, C)
         k = k * (1 + (a - 1) * self.k_a)
         heads = lambda t: t.to(r.dtype).view(B, T, H, N)
-        y, _ = wkv7(heads(r), heads(w), heads(k), heads(v), heads(-kk), heads(kk * a))  # (B, T, H, N)
+        y, wkv = wkv7(heads(r), heads(w), heads(k), heads(v), heads(-kk), heads(kk * a),
+                      initial_state=state.get("wkv"), output_final_state=rnn)  # (B, T, H, N)
+        if rnn:
+            state.update(x=x[:, -1], wkv=wkv)
         y = self.ln_x(y.reshape(B * T, C)).view(B, T, C)
         y = y + ((r * k * self.r_k.view(C)).view(B, T, H, N).sum(-1, keepdim=True) * v.view(B, T, H, N)).view(B, T, C)
         return self.output(y * g), v_first, y
@@ -324,12 +346,32 @@ class DeepEmbedAttention(nn.Module):
         self.ln_q, self.ln_k, self.ln_v = nn.LayerNorm(Q), nn.LayerNorm(Q), nn.LayerNorm(C)
         self.gain = nn.Parameter(torch.zeros(C))
 
-    def forward(self, u: torch.Tensor, idx: torch.Tensor, deep_embed: SharedDeepEmbed) -> torch.Tensor:
-        shift_mix = lambda z, mu: z + (token_shift(z) - z) * mu
-        q = self.ln_q(shift_mix(self.q_proj(u), self.mu_q))
-        k = self.ln_k(shift_mix(self.k_up(self.k_down(u)) * deep_embed.k_emb(idx), self.mu_k))
-        v = self.ln_v(shift_mix(torch.tanh(self.v_up(self.v_down(u))) * deep_embed.v_emb(idx), self.mu_v))
-        y = F.scaled_dot_product_attention(q.unsqueeze(1), k.unsqueeze(1), v.unsqueeze(1), is_causal=True)
+    def forward(self, u: torch.Tensor, idx: torch.Tensor, deep_embed: SharedDeepEmbed,
+                state: dict | None = None) -> torch.Tensor:
+        """With state (RNN mode) the previous token's pre-shift q, k, v and the cache of every earlier
+        token's keys and values are read from it and extended: attention over the whole context, as whole."""
+        rnn, state = state is not None, state if state is not None else {}
+
+        def shift_mix(z, name, mu):
+            mixed = z + (token_shift(z, state.get(name)) - z) * mu
+            if rnn:
+                state[name] = z[:, -1]
+            return mixed
+
+        q = self.ln_q(shift_mix(self.q_proj(u), "q", self.mu_q))
+        k = self.ln_k(shift_mix(self.k_up(self.k_down(u)) * deep_embed.k_emb(idx), "k", self.mu_k))
+        v = self.ln_v(shift_mix(torch.tanh(self.v_up(self.v_down(u))) * deep_embed.v_emb(idx), "v", self.mu_v))
+        mask, causal = None, True
+        if rnn:
+            past = state["keys"].shape[1] if "keys" in state else 0
+            k = state["keys"] = torch.cat([state["keys"], k], 1) if past else k          # (B, past + T, Q)
+            v = state["values"] = torch.cat([state["values"], v], 1) if past else v      # (B, past + T, C)
+            if past:  # the new queries sit at positions past..past+T-1: a bottom-right causal mask
+                T = q.shape[1]
+                mask = torch.arange(past + T, device=q.device) <= past + torch.arange(T, device=q.device)[:, None]
+                causal = False
+        y = F.scaled_dot_product_attention(q.unsqueeze(1), k.unsqueeze(1), v.unsqueeze(1), attn_mask=mask,
+                                           is_causal=causal)
         return y.squeeze(1) * self.gain  # (B, T, C)
 
 
@@ -384,13 +426,15 @@ class UltimateBridge(nn.Module):
 
 
 def causal_linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seq: torch.Tensor,
-                            n_seq: int, chunk: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
+                            n_seq: int, chunk: int = 64, memory: torch.Tensor | None = None):
     """Unnormalised causal linear attention among rows of the same sequence.
 
     q, k (n, H, d) feature-mapped (non-negative); v (n, H, d); seq (n,) the sequence of each row, rows sorted
     by (sequence, time). Row i sees rows j <= i of its sequence: returns num_i = sum_j (q_i.k_j) v_j (n, H, d)
     and den_i = sum_j q_i.k_j (n, H). Rows are packed per sequence into (n_seq, L), then processed in chunks:
     a masked (chunk x chunk) product inside a chunk, a running (d x d) state between chunks. Cost O(n d^2).
+    memory (n_seq, H, d, d + 1) holds sum_j k_j^T [v_j, 1] of rows seen before (RNN mode); the third return
+    value is that sum after these rows.
     """
     n, H, d = q.shape
     counts = torch.bincount(seq, minlength=n_seq)
@@ -408,10 +452,14 @@ def causal_linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, s
     V1 = torch.cat([V, ones], dim=-1)                                  # the extra column accumulates the denominator
     A = (Q @ K.transpose(-1, -2)).tril()                               # (S, H, NC, chunk, chunk)
     state = K.transpose(-1, -2) @ V1                                   # (S, H, NC, d, d+1) per chunk
-    state = torch.cumsum(state, dim=2) - state                         # what the chunks before each chunk hold
+    total = torch.cumsum(state, dim=2)
+    state = total - state                                              # what the chunks before each chunk hold
+    if memory is not None:
+        state = state + memory.unsqueeze(2).to(state.dtype)
     out = A @ V1 + Q @ state                                           # (S, H, NC, chunk, d+1)
     out = out.permute(0, 2, 3, 1, 4).reshape(n_seq, L, H, d + 1)[seq, pos]  # (n, H, d+1)
-    return out[..., :d], out[..., d]
+    after = total[:, :, -1] + (memory if memory is not None else 0)    # (S, H, d, d+1)
+    return out[..., :d], out[..., d], after
 
 
 class LinearTransformerExpert(nn.Module):
@@ -439,19 +487,21 @@ class LinearTransformerExpert(nn.Module):
         self.output = nn.Linear(C, C, bias=False)
         nn.init.zeros_(self.output.weight)
 
-    def forward(self, h: torch.Tensor, prefix: torch.Tensor, seq: torch.Tensor, n_seq: int) -> torch.Tensor:
+    def forward(self, h: torch.Tensor, prefix: torch.Tensor, seq: torch.Tensor, n_seq: int,
+                memory: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """-> (out (n, C), memory (n_seq, H, d, d + 1): the history it has served, for RNN mode)."""
         n, C = h.shape
         q = self.query(h).view(n, self.H, self.d)
         k = self.key(h).view(n, self.H, self.d)
         v = self.value(h).view(n, self.H, self.d)
-        num, den = causal_linear_attention(F.elu(q) + 1, F.elu(k) + 1, v, seq, n_seq)
+        num, den, memory = causal_linear_attention(F.elu(q) + 1, F.elu(k) + 1, v, seq, n_seq, memory=memory)
         hist = num / (den.unsqueeze(-1) + 1e-6)                                    # (n, H, d)
         prefix = prefix.to(q.dtype)
         q_r = torch.einsum("nhd,hdr->nhr", q, self.prefix_key.to(q.dtype))         # (n, H, R)
         att = torch.softmax(torch.einsum("nhr,npr->nhp", q_r, prefix) / self.d ** 0.5, dim=-1)  # (n, H, P)
         z_bar = torch.einsum("nhp,npr->nhr", att, prefix)                          # (n, H, R)
         pre = torch.einsum("nhr,hdr->nhd", z_bar, self.prefix_value.to(q.dtype))  # (n, H, d)
-        return self.output((hist + pre).reshape(n, C)) * torch.sigmoid(self.gate(h))
+        return self.output((hist + pre).reshape(n, C)) * torch.sigmoid(self.gate(h)), memory
 
 
 class _CombineExperts(torch.autograd.Function):
@@ -593,7 +643,7 @@ class CapitalManager(nn.Module):
         shortfall = topup.sum() - tax.sum()
         if shortfall > 0:
             excess = (K2 - floor).clamp_min(0)
-            tax = tax + shortfall * excess / excess.sum()
+            tax = tax + shortfall * excess / excess.sum().clamp_min(1e-30)
             dividend = torch.zeros_like(K)
         else:
             room = (cfg.capital_cap * mean - (K2 + topup)).clamp_min(0)
@@ -627,10 +677,12 @@ class CaMoE_Block(nn.Module):
         if cfg.router == "dense":
             self.ffn = SparseRWKVFFN(cfg, layer_id, cfg.top_k * cfg.ffn_mult * C)
             return
-        self.router = SparseRouter(cfg)
         self.experts = nn.ModuleList(
             [SparseRWKVFFN(cfg, layer_id, cfg.ffn_mult * C) for _ in range(cfg.num_rwkv_experts)]
             + [LinearTransformerExpert(cfg) for _ in range(cfg.num_trans_experts)])
+        if cfg.router == "base":
+            return
+        self.router = SparseRouter(cfg)
         if cfg.router == "softmax":
             return
         self.critic = CriticVC(cfg)
@@ -642,26 +694,36 @@ class CaMoE_Block(nn.Module):
         self.register_buffer("critic_count", torch.zeros((), dtype=torch.long))
         self.pending: list[dict] = []
 
-    def forward(self, x, idx, v_first, bridge, deep_embed):
-        """x (B, T, C), idx (B, T) -> (x, v_first, difficulty (B*T,) or None, info dict)."""
+    def forward(self, x, idx, v_first, bridge, deep_embed, state: dict | None = None):
+        """x (B, T, C), idx (B, T) -> (x, v_first, difficulty (B*T,) or None, info dict). With state (RNN mode,
+        a dict this layer fills) every part carries what it needs from the tokens before x."""
+        part = (lambda name: state.setdefault(name, {})) if state is not None else (lambda name: None)
         if self.layer_id == 0:
             x = self.ln0(x)
         u = self.ln1(x)
-        att, v_first, readout = self.att(u, v_first)
+        att, v_first, readout = self.att(u, v_first, part("att"))
         x = x + att
         if self.cfg.use_deep_embed_attention:
-            x = x + self.dea(u, idx, getattr(self, "deep_embed", deep_embed))
+            x = x + self.dea(u, idx, getattr(self, "deep_embed", deep_embed), part("dea"))
         h = self.ln2(x)
+        h_prev = token_shift(h, state.get("h") if state is not None else None)
+        if state is not None:
+            state["h"] = h[:, -1]
         if self.cfg.router == "dense":
-            return x + self.ffn(h, token_shift(h)), v_first, None, {}
-        moe, difficulty, info = self._route(h, readout, bridge)
+            return x + self.ffn(h, h_prev), v_first, None, {}
+        moe, difficulty, info = self._route(h, h_prev, readout, bridge, part("memory"))
         return x + moe, v_first, difficulty, info
 
-    def _route(self, h, readout, bridge):
+    def _route(self, h, h_prev, readout, bridge, memory: dict | None):
         cfg = self.cfg
         B, T, C = h.shape
         N, E, k = B * T, cfg.num_experts, cfg.top_k
-        hf, h_prev, ro = h.reshape(N, C), token_shift(h).reshape(N, C), readout.reshape(N, C)
+        hf, h_prev, ro = h.reshape(N, C), h_prev.reshape(N, C), readout.reshape(N, C)
+        if cfg.router == "base":  # the base model: RWKV expert 0 serves every token with weight 1
+            counts = torch.zeros(E, dtype=torch.long, device=h.device)
+            counts[0] = N
+            info = {"counts": counts, "price": hf.new_zeros(N), "winners": counts.new_zeros(N, 1)}
+            return self.experts[0](hf, h_prev).view(B, T, C), None, info
         if cfg.router == "market":
             difficulty, affinity = self.critic(hf.detach())                         # (N,), (N, E)
             winners, weights, price, bids = self.router(hf, self.capital.wealth(), difficulty, affinity)
@@ -680,9 +742,12 @@ class CaMoE_Block(nn.Module):
                 outputs.append(self.experts[e](hf[rows], h_prev[rows]))
             else:
                 prefix = bridge(hf[rows], ro[rows])                                   # (n, P, R)
-                outputs.append(self.experts[e](hf[rows], prefix, rows // T, B))
+                out, served = self.experts[e](hf[rows], prefix, rows // T, B, memory.get(e) if memory is not None else None)
+                if memory is not None:
+                    memory[e] = served
+                outputs.append(out)
         moe = self._combine(weight, torch.cat(outputs), token, expert, price, hf).view(B, T, C)
-        info = {"counts": counts, "price": price}
+        info = {"counts": counts, "price": price, "winners": winners}
         if cfg.router == "softmax":
             share = counts.float() / (N * k)
             info["balance_loss"] = E * (share * bids.mean(0)).sum()
@@ -758,7 +823,7 @@ class CaMoE_System(nn.Module):
             self.register_buffer("vocab_ids", torch.arange(cfg.vocab_size))
         if cfg.use_deep_embed_attention and cfg.use_shared_deep_embed:
             self.deep_embed = SharedDeepEmbed(cfg)
-        if cfg.router != "dense" and cfg.num_trans_experts > 0:
+        if cfg.router not in ("dense", "base") and cfg.num_trans_experts > 0:
             self.bridge = UltimateBridge(cfg)
         self.blocks = nn.ModuleList([CaMoE_Block(cfg, i) for i in range(cfg.n_layer)])
         self.ln_out = nn.LayerNorm(cfg.n_embd)
@@ -766,13 +831,18 @@ class CaMoE_System(nn.Module):
         nn.init.orthogonal_(self.head.weight, gain=0.5 * (cfg.vocab_size / cfg.n_embd) ** 0.5 if
                             cfg.vocab_size > cfg.n_embd else 0.5)
 
-    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None):
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, state: list[dict] | None = None):
+        """state (RNN mode): a list that the call fills with one dict per layer on first use and carries on
+        later calls, so that feeding a sequence in pieces (a prompt, then one token at a time) gives the
+        logits of feeding it whole."""
         cfg = self.cfg
         x = self.emb(idx)
+        if state is not None and not state:
+            state.extend({} for _ in self.blocks)
         v_first, difficulties, infos = None, [], []
-        for block in self.blocks:
+        for i, block in enumerate(self.blocks):
             x, v_first, difficulty, info = block(x, idx, v_first, getattr(self, "bridge", None),
-                                                 getattr(self, "deep_embed", None))
+                                                 getattr(self, "deep_embed", None), state[i] if state is not None else None)
             difficulties.append(difficulty)
             infos.append(info)
         logits = self.head(self.ln_out(x))
@@ -824,6 +894,98 @@ def gini(x: torch.Tensor) -> float:
     """Gini coefficient of a non-negative vector (0 = equal, 1 - 1/n = one holder)."""
     x = x.double()
     return float((x[:, None] - x[None, :]).abs().sum() / (2 * len(x) ** 2 * x.mean().clamp_min(1e-30)))
+
+
+# -----------------------------------------------------------------------------
+# base model: RWKV-7 weights in RWKV-LM's format (what the `rwkv` package loads)
+
+RWKV7_REQUIRED = ("emb.weight", "blocks.0.ln0.weight", "blocks.0.att.r_k", "blocks.0.att.w1", "blocks.0.att.a1",
+                  "blocks.0.att.g1", "blocks.0.ffn.key.weight", "ln_out.weight", "head.weight")
+# tensors of RWKV-7 files that have no counterpart here, with the reason printed when a file holds them
+RWKV7_UNUSED = {"ffn.s_emb.weight": "DeepEmbed FFN gating", "ffn.s_emb_x.weight": "DeepEmbed FFN gating",
+                "ffn.s1": "DeepEmbed FFN gating", "ffn.s2": "DeepEmbed FFN gating", "ffn.s0": "DeepEmbed FFN gating",
+                "blocks.0.att.v0": "layer 0's value-residual mix, which RWKV-7 never applies",
+                "blocks.0.att.v1": "layer 0's value-residual mix, which RWKV-7 never applies",
+                "blocks.0.att.v2": "layer 0's value-residual mix, which RWKV-7 never applies"}
+
+
+def read_rwkv7(path: str) -> tuple[dict[str, torch.Tensor], dict]:
+    """The tensors of an RWKV-7 .pth and the model shape they imply (n_layer, n_embd, head_size, vocab_size,
+    ffn_mult, lora_dims); a file that is not RWKV-7 weights is one ValueError naming what is missing."""
+    sd = read_checkpoint(path)
+    if "model" in sd and "config" in sd:
+        raise ValueError(f"{path}: a CaMoE training checkpoint, not RWKV-7 base weights (use --resume, or generate "
+                         f"--ckpt)")
+    absent = [k for k in RWKV7_REQUIRED if not isinstance(sd.get(k), torch.Tensor)]
+    if absent:
+        raise ValueError(f"{path}: not an RWKV-7 checkpoint in RWKV-LM's format (no {', '.join(absent[:3])})")
+    vocab, C = sd["emb.weight"].shape
+    H, N = sd["blocks.0.att.r_k"].shape
+    hidden = sd["blocks.0.ffn.key.weight"].shape[0]
+    n_layer = 1 + max(int(k.split(".")[1]) for k in sd if k.startswith("blocks."))
+    v_lora = sd["blocks.1.att.v1"].shape[1] if "blocks.1.att.v1" in sd else _lora_dim(C, 1.7)
+    if H * N != C or hidden % C:
+        raise ValueError(f"{path}: inconsistent RWKV-7 shapes (heads {H} x {N} for width {C}, FFN {hidden})")
+    shape = dict(n_layer=n_layer, n_embd=C, head_size=N, vocab_size=vocab, ffn_mult=hidden // C,
+                 lora_dims=[sd["blocks.0.att.w1"].shape[1], sd["blocks.0.att.a1"].shape[1], v_lora,
+                            sd["blocks.0.att.g1"].shape[1]])
+    return sd, shape
+
+
+def base_config(cfg: CaMoEConfig, shape: dict, explicit: dict, path: str) -> CaMoEConfig:
+    """cfg with the base file's shapes; a flag given explicitly that disagrees with the file is an error."""
+    for name, value in shape.items():
+        if name in explicit and explicit[name] != value:
+            raise ValueError(f"{path} has {name.replace('_', '-')} {value}, but --{name.replace('_', '-')} "
+                             f"{explicit[name]} was given")
+    if explicit.get("compact_vocab"):
+        raise ValueError(f"--compact-vocab renumbers the vocabulary, so it cannot start from {path}")
+    if cfg.router == "dense":
+        raise ValueError("--router dense is one FFN top_k experts wide, which no base file has; use --router base")
+    return dataclasses.replace(cfg, compact_vocab=False, **shape)
+
+
+@torch.no_grad()
+def load_base_weights(model: CaMoE_System, sd: dict[str, torch.Tensor], path: str) -> list[str]:
+    """Copy every tensor of an RWKV-7 file into the model: the backbone by name, each layer's FFN into every
+    RWKV expert of that layer (identical copies: any mixture of them is the base FFN, so training starts
+    from the base model's function). Returns report lines: what was loaded, what is new, what is unused."""
+    own = model.state_dict()
+    loaded, unused = set(), {}
+    for name, tensor in sd.items():
+        layer = name.split(".")[1] if name.startswith("blocks.") else None
+        tail = name.split(".", 2)[2] if layer is not None else name
+        if tail.startswith("ffn.") and tail in ("ffn.x_k", "ffn.key.weight", "ffn.value.weight"):
+            targets = [f"blocks.{layer}.experts.{e}.{tail[4:]}" for e in range(model.cfg.num_rwkv_experts)]
+        else:
+            targets = [name] if name in own else []
+        if not targets:
+            unused[name] = RWKV7_UNUSED.get(tail, RWKV7_UNUSED.get(name, "no counterpart in CaMoE"))
+            continue
+        for target in targets:
+            if own[target].shape != tensor.shape:
+                raise ValueError(f"{path}: {name} has shape {tuple(tensor.shape)}, the model's {target} "
+                                 f"{tuple(own[target].shape)}")
+            own[target].copy_(tensor.to(own[target].dtype))
+            loaded.add(target)
+    new = sorted({n.split(".experts.")[0] + ".experts.*" if ".experts." in n else n.rsplit(".", 1)[0]
+                  for n, _ in model.named_parameters() if n not in loaded})
+    n_loaded = sum(t.numel() for n, t in sd.items() if n not in unused)
+    lines = [f"loaded {len(sd) - len(unused)} tensors ({n_loaded / 1e6:.1f}M values) from {path}; the "
+             f"{model.cfg.num_rwkv_experts} RWKV experts of each layer start as copies of its FFN"]
+    if new:
+        lines.append(f"new, from their initial values: {_name_summary(new)}")
+    for reason in sorted(set(unused.values())):
+        names = [n for n, r in unused.items() if r == reason]
+        lines.append(f"not used ({reason}): {_name_summary(names)}")
+    return lines
+
+
+def _name_summary(names: list[str], shown: int = 6) -> str:
+    """Parameter names with their layer numbers collapsed (blocks.3.x and blocks.4.x -> blocks.*.x)."""
+    collapsed = sorted(set(re.sub(r"^blocks\.\d+\.", "blocks.*.", n) for n in names))
+    more = f" and {len(collapsed) - shown} more" if len(collapsed) > shown else ""
+    return ", ".join(collapsed[:shown]) + more
 
 
 # -----------------------------------------------------------------------------
@@ -996,6 +1158,9 @@ class TokenData:
             rows.append(np.asarray(src[start:start + self.T + 1], dtype=np.int64))
         data = np.stack(rows)
         if self.lookup is not None:
+            if int(data.min()) < 0 or int(data.max()) >= len(self.lookup):
+                raise ValueError(f"token id {int(data.max())} in {[self.names[i] for i in set(which.tolist())]} is "
+                                 f"outside the compact vocabulary")
             mapped = self.lookup[data]
             if (mapped < 0).any():
                 raise ValueError(f"token id {int(data[mapped < 0][0])} in {[self.names[i] for i in set(which.tolist())]}"
@@ -1027,7 +1192,11 @@ def build_data(cfg: CaMoEConfig, rank: int, is_ddp: bool,
     if is_ddp and rank == 0:
         dist.barrier()
     if cfg.compact_vocab:
-        vocab_ids = compact_vocabulary(sources) if vocab_ids is None else vocab_ids
+        present = compact_vocabulary(sources)
+        if vocab_ids is not None and not np.isin(present, vocab_ids).all():  # a resumed run on changed data
+            raise ValueError(f"the data has {int((~np.isin(present, vocab_ids)).sum())} token ids outside the "
+                             f"checkpoint's compact vocabulary (the data changed since it was built)")
+        vocab_ids = present if vocab_ids is None else vocab_ids
         cfg = dataclasses.replace(cfg, vocab_size=len(vocab_ids))
     names = [p or "built-in corpus" for p in paths]
     data = TokenData(sources, mix, cfg.ctx_len, cfg.val_fraction, cfg.vocab_size, cfg.seed + rank, names,
@@ -1161,7 +1330,26 @@ def save_checkpoint(path: Path, raw, optimizer, cfg, step, data, run_id, rank: i
         dist.all_gather_object(rngs, rng_state(data))
     if rank == 0:
         atomic_save(dict(model=raw.state_dict(), optimizer=optimizer.state_dict(), config=dataclasses.asdict(cfg),
-                         step=step, run_id=run_id, rng=rngs), path)
+                         optimizer_names=optimizer_names(raw, optimizer), step=step, run_id=run_id, rng=rngs), path)
+
+
+def optimizer_names(raw: CaMoE_System, optimizer) -> list[str]:
+    """The parameter names in the optimizer's order: its saved state is indexed by position."""
+    names = {id(p): n for n, p in raw.named_parameters()}
+    return [names[id(p)] for group in optimizer.param_groups for p in group["params"]]
+
+
+def load_optimizer_state(raw: CaMoE_System, optimizer, saved: dict, saved_names: list[str] | None) -> bool:
+    """Load AdamW's moments matched by parameter name (a model that gained or reordered parameters keeps the
+    moments of those it had); False, with the moments left fresh, for a checkpoint without names."""
+    if saved_names is None:
+        return False
+    index = {n: i for i, n in enumerate(saved_names)}
+    current = optimizer.state_dict()
+    state = {j: saved["state"][index[n]] for j, n in enumerate(optimizer_names(raw, optimizer))
+             if n in index and index[n] in saved["state"]}
+    optimizer.load_state_dict(dict(state=state, param_groups=current["param_groups"]))
+    return True
 
 
 def restore_rng(rngs: list[dict], data: TokenData, rank: int, seed: int, step: int) -> None:
@@ -1183,7 +1371,7 @@ def resume_config(path: Path, explicit: dict) -> tuple[dict, CaMoEConfig]:
     absent = {"model", "optimizer", "step", "rng"} - set(ckpt)
     if absent:
         raise ValueError(f"{path}: not a CaMoE training checkpoint (no {', '.join(sorted(absent))})")
-    for name in SHAPE_FIELDS:
+    for name in SHAPE_FIELDS + (("top_k",) if saved.router == "dense" else ()):  # dense: top_k sets the FFN width
         if name in explicit and explicit[name] != getattr(saved, name):
             raise ValueError(f"{path} was trained with --{name.replace('_', '-')} {getattr(saved, name)}; a resumed "
                              f"run keeps the model's shape (got {explicit[name]}; use a new --out-dir to start another)")
@@ -1239,31 +1427,31 @@ def wrap_model(raw: CaMoE_System, cfg: CaMoEConfig, device: torch.device, is_ddp
         model = torch.compile(raw)
     if is_ddp:
         from torch.nn.parallel import DistributedDataParallel as DDP
-        # market buffers stay in step through all-reduced totals; the critic's samples are per rank
-        no_buffer_sync = ({"forward_sync_buffers": False} if "forward_sync_buffers" in
-                          inspect.signature(DDP).parameters else {"broadcast_buffers": False})
+        # market buffers stay in step through all-reduced totals; the critic's samples are per rank, so no
+        # buffer is broadcast (not even when DDP is built, as it is again at the end of prewarm)
         model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None,
-                    find_unused_parameters=True, **no_buffer_sync)
+                    find_unused_parameters=True, broadcast_buffers=False)
     return model.train()
 
 
 def load_training_state(ckpt: dict, path: Path, raw: CaMoE_System, optimizer, data: TokenData, cfg: CaMoEConfig,
                         rank: int) -> tuple[int, str]:
     """Put a checkpoint's weights, optimizer moments and random streams in place; returns (step, run id)."""
+    weights = ckpt["model"]
+    if cfg.router != "market":  # written before the baselines stopped building the market's critic and capital
+        weights = {k: v for k, v in weights.items() if not re.search(r"\.(critic|capital)\.|\.critic_", k)}
     try:
-        missing, unexpected = raw.load_state_dict(ckpt["model"], strict=False)
+        missing, unexpected = raw.load_state_dict(weights, strict=False)
     except RuntimeError as exc:  # a size mismatch: the weights are not this config's
         raise ValueError(f"{path}: its weights do not fit its config ({str(exc).splitlines()[-1].strip()})") from None
     if unexpected or any(not k.startswith(("blocks.", "deep_embed", "bridge")) for k in missing):
         raise ValueError(f"{path}: checkpoint does not fit this model (missing {missing[:3]}, "
                          f"unexpected {unexpected[:3]})")
-    new_params = [k for k, _ in raw.named_parameters() if k in missing]
     if missing:
         print(f"note: {len(missing)} parameters/buffers new since this checkpoint start from their initial values")
-    if new_params:  # AdamW's saved state is indexed by position, which no longer lines up
-        print("note: the optimizer state does not fit the grown model; AdamW restarts its moments")
-    else:
-        optimizer.load_state_dict(ckpt["optimizer"])
+    if not load_optimizer_state(raw, optimizer, ckpt["optimizer"], ckpt.get("optimizer_names")):
+        print("note: the checkpoint does not name its optimizer's parameters (it predates that); AdamW restarts "
+              "its moments")
     step = ckpt["step"]
     restore_rng(ckpt["rng"], data, rank, cfg.seed, step)
     return step, ckpt.get("run_id", uuid.uuid4().hex[:8])
@@ -1283,24 +1471,34 @@ def train(cfg: CaMoEConfig, resume: bool = False, explicit: dict | None = None) 
 def prepare_run(cfg: CaMoEConfig, resume: bool, explicit: dict, is_ddp: bool, rank: int, device: torch.device):
     """The run's final config, data, model, optimizer, first step and run id: fresh, or from out_dir/ckpt.pt."""
     ckpt_path = Path(cfg.out_dir) / "ckpt.pt"
-    ckpt = None
+    ckpt = base = None
     if resume:
         ckpt, cfg = resume_config(ckpt_path, explicit)
-    elif cfg.prewarm_steps and "prewarm_steps" not in explicit:
-        # prewarm protects a base model's knowledge while the new parts catch up; from scratch there is none
-        cfg = dataclasses.replace(cfg, prewarm_steps=0)
+    elif cfg.init_from:
+        base, shape = read_rwkv7(cfg.init_from)
+        cfg = base_config(cfg, shape, explicit, cfg.init_from)
+        validate_config(cfg)
     seed_everything(cfg.seed + rank)
     saved_vocab = ckpt["model"].get("vocab_ids") if ckpt is not None else None
     data, cfg = build_data(cfg, rank, is_ddp, None if saved_vocab is None else saved_vocab.numpy())
     if rank == 0:
         check_memory(cfg, device)
-    raw = CaMoE_System(cfg).to(device)
+    raw = CaMoE_System(cfg)
+    if base is not None:
+        report = load_base_weights(raw, base, cfg.init_from)
+        if rank == 0:
+            print("\n".join(report))
+        del base
+    raw = raw.to(device)
     if cfg.compact_vocab:
         raw.vocab_ids.copy_(torch.from_numpy(data.vocab_ids))
     optimizer = make_optimizer(raw, cfg, device)
     step, run_id = 0, uuid.uuid4().hex[:8]
     if ckpt is not None:
         step, run_id = load_training_state(ckpt, ckpt_path, raw, optimizer, data, cfg, rank)
+    if step < cfg.prewarm_steps and len(raw.prewarm_frozen()) == len(list(raw.parameters())):
+        raise ValueError(f"--prewarm-steps {cfg.prewarm_steps}: with --router {cfg.router} and no DEA nothing "
+                         f"trains in prewarm")
     return cfg, data, raw, optimizer, step, run_id
 
 
@@ -1350,6 +1548,182 @@ def train_loop(cfg: CaMoEConfig, data: TokenData, raw: CaMoE_System, optimizer, 
         logger.close()
     if rank == 0 and "val_loss" in stats:
         print(f"done: step {cfg.max_steps}, val loss {stats['val_loss']:.4f}, checkpoint {ckpt_path}")
+
+
+# -----------------------------------------------------------------------------
+# generation: RNN-mode decoding, sampling, the routing view
+
+
+def load_model(ckpt: str = "", init_from: str = "", router: str = "base", device: str = "auto") -> CaMoE_System:
+    """A model for inference: a CaMoE checkpoint (its own config defines the model), or an RWKV-7 base file
+    (then router base builds just the plain RWKV-7 model: one RWKV expert, no DEA)."""
+    dev = pick_device(device)
+    if init_from:
+        base, shape = read_rwkv7(init_from)
+        cfg = base_config(CaMoEConfig(router=router), shape, {}, init_from)
+        if router == "base":
+            cfg = dataclasses.replace(cfg, num_rwkv_experts=1, num_trans_experts=0, use_deep_embed_attention=False)
+        validate_config(cfg)
+        model = CaMoE_System(cfg)
+        load_base_weights(model, base, init_from)
+        return model.to(dev).eval()
+    saved, cfg = load_checkpoint(ckpt, CaMoEConfig)
+    if not isinstance(saved.get("model"), dict):
+        raise ValueError(f"{ckpt}: not a CaMoE checkpoint (no model weights)")
+    validate_config(cfg)
+    model = CaMoE_System(cfg)
+    try:
+        model.load_state_dict(saved["model"])
+    except RuntimeError as exc:
+        raise ValueError(f"{ckpt}: its weights do not fit its config ({str(exc).splitlines()[1].strip()})") from None
+    return model.to(dev).eval()
+
+
+class Vocab:
+    """World-tokenizer text <-> the model's ids: the same ids, or the compact vocabulary's renumbering."""
+
+    def __init__(self, model: CaMoE_System):
+        self.tok = world_tokenizer()
+        ids = model.vocab_ids.tolist() if model.cfg.compact_vocab else None
+        self.to_world, self.size = ids, model.cfg.vocab_size
+        self.to_model = {w: i for i, w in enumerate(ids)} if ids is not None else None
+
+    def encode(self, text: str) -> list[int]:
+        ids = self.tok.encode(text)
+        if self.to_model is None:
+            if ids and max(ids) >= self.size:
+                raise ValueError(f"the text has token id {max(ids)}, beyond this model's vocabulary of {self.size}")
+            return ids
+        unknown = [i for i in ids if i not in self.to_model]
+        if unknown:
+            raise ValueError(f"the text has {len(unknown)} token(s) this model's compact vocabulary lacks, such as "
+                             f"{self.tok.decode(unknown[:1])!r}")
+        return [self.to_model[i] for i in ids]
+
+    def decode(self, ids: list[int]) -> str:
+        return self.tok.decode(ids if self.to_world is None else [self.to_world[i] for i in ids])
+
+
+@dataclass
+class Sampling:
+    max_new_tokens: int = 200
+    temperature: float = 1.0
+    top_p: float = 0.85
+    top_k: int = 0
+    repetition_penalty: float = 1.0   # > 1 makes tokens already in the text less likely (CTRL's rule)
+    stop: list[str] = field(default_factory=list)
+    seed: int = 0
+
+
+def penalise_repeats(logits: torch.Tensor, seen: list[int], penalty: float) -> torch.Tensor:
+    """CTRL's repetition penalty: logits of tokens already seen are divided by penalty when positive and
+    multiplied by it when negative."""
+    if penalty == 1.0 or not seen:
+        return logits
+    idx = torch.tensor(sorted(set(seen)), device=logits.device)
+    chosen = logits[idx]
+    return logits.index_copy(0, idx, torch.where(chosen > 0, chosen / penalty, chosen * penalty))
+
+
+@torch.no_grad()
+def generate(model: CaMoE_System, prompt: list[int], sampling: Sampling, decode, state: list | None = None) -> dict:
+    """Feed the prompt in one parallel pass, then decode token by token with carried state (constant work per
+    token for time mixing, the experts and the bridge; DEA attends to its cache). Returns the new ids, their
+    text (cut at a stop string), and per token and layer whether a transformer expert won it."""
+    device = next(model.parameters()).device
+    state = [] if state is None else state
+    gen = torch.Generator(device="cpu").manual_seed(sampling.seed)
+    logits, _, _ = model(torch.tensor([prompt], device=device), state=state)
+    logits = logits[0, -1]
+    ids, routes, text = [], [], ""
+    R = model.cfg.num_rwkv_experts
+    t0 = time.perf_counter()
+    for _ in range(sampling.max_new_tokens):
+        logits = penalise_repeats(logits.float().cpu(), prompt + ids, sampling.repetition_penalty)
+        token = int(sample_next(logits, sampling.temperature, sampling.top_k, sampling.top_p, gen))
+        ids.append(token)
+        logits, _, infos = model(torch.tensor([[token]], device=device), state=state)
+        logits = logits[0, -1]
+        routes.append([bool((info["winners"] >= R).any()) if info else False for info in infos])
+        text = decode(ids)
+        cut = min((text.find(s) for s in sampling.stop if s in text), default=-1)
+        if cut >= 0:
+            text = text[:cut]
+            break
+    seconds = time.perf_counter() - t0
+    return dict(ids=ids, text=text, routes=routes, tokens_per_s=len(ids) / max(seconds, 1e-9))
+
+
+def routing_view(pieces: list[str], routes: list[list[bool]], color: bool) -> str:
+    """Per generated token a line: the token, then one letter per layer, R (only RWKV experts won it) or T (a
+    transformer expert did), T in colour on a terminal; then per layer the share of tokens sent to a
+    transformer expert."""
+    if not routes:
+        return "no tokens generated"
+    mark = (lambda t: "\033[1;33mT\033[0m" if t else "R") if color else (lambda t: "T" if t else "R")
+    lines = [f"routing (R = RWKV experts only, T = a transformer expert among the winners), {len(routes[0])} layers:"]
+    for piece, route in zip(pieces, routes):
+        lines.append(f"  {piece!r:>14} " + "".join(mark(t) for t in route))
+    shares = torch.tensor(routes, dtype=torch.float).mean(0).tolist()
+    lines.append("share of tokens to transformer experts per layer: " + " ".join(f"{s:.2f}" for s in shares))
+    return "\n".join(lines)
+
+
+def run_generate(argv: list[str], chat: bool) -> None:
+    """python camoe.py generate|chat: see --help."""
+    parser = argparse.ArgumentParser(prog=f"camoe.py {'chat' if chat else 'generate'}",
+                                     description="Chat with a CaMoE model" if chat else "Generate text with a "
+                                     "CaMoE model in RNN mode and show which experts served each token")
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--ckpt", default="", help="a CaMoE checkpoint (out_dir/ckpt.pt)")
+    source.add_argument("--init-from", default="", help="an RWKV-7 .pth base model instead (RWKV-LM's format)")
+    parser.add_argument("--router", default="base", choices=["base", "market", "softmax"],
+                        help="with --init-from: base (the plain RWKV-7 model) or a fresh router (default base)")
+    if not chat:
+        parser.add_argument("--prompt", required=True, help="the text to continue")
+    parser.add_argument("--no-routing", action="store_true", help="do not print the routing view")
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    for f in dataclasses.fields(Sampling):
+        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+        kind = dict(nargs="+", type=str) if isinstance(default, list) else dict(type=type(default))
+        parser.add_argument("--" + f.name.replace("_", "-"), default=default, **kind,
+                            help=f"sampling: {f.name.replace('_', ' ')} (default {default})")
+    args = parser.parse_args(argv)
+    sampling = Sampling(**{f.name: getattr(args, f.name) for f in dataclasses.fields(Sampling)})
+    if sampling.temperature < 0 or sampling.top_k < 0 or not 0 < sampling.top_p <= 1 or sampling.max_new_tokens < 1 \
+            or sampling.repetition_penalty <= 0:
+        raise ValueError("sampling needs --temperature >= 0, --top-k >= 0, --top-p in (0, 1], --max-new-tokens >= 1 "
+                         "and --repetition-penalty > 0")
+    model = load_model(args.ckpt, args.init_from, args.router, args.device)
+    vocab = Vocab(model)
+    color = sys.stdout.isatty()
+    if not chat:
+        result = generate(model, vocab.encode(args.prompt), sampling, vocab.decode)
+        print(args.prompt + result["text"])
+        if not args.no_routing:
+            print(routing_view([vocab.decode([i]) for i in result["ids"]], result["routes"], color))
+        print(f"{len(result['ids'])} tokens, {result['tokens_per_s']:.1f} tokens/s")
+        return
+    state = []  # the conversation's state carries over from turn to turn
+    sampling.stop = sampling.stop or ["\n\nUser:"]
+    print("chat: type a message (empty line or Ctrl-D to quit)")
+    while True:
+        try:
+            line = input("User: ").strip()
+        except (EOFError, KeyboardInterrupt):
+            print()
+            return
+        if not line:
+            return
+        try:
+            turn = vocab.encode(f"User: {line}\n\nAssistant:")
+        except ValueError as exc:  # one bad message does not end the conversation
+            print(f"camoe: {exc}")
+            continue
+        result = generate(model, turn, sampling, vocab.decode, state=state)
+        print("Assistant:" + result["text"] + f"\n[{len(result['ids'])} tokens, {result['tokens_per_s']:.1f}/s]")
+        if not args.no_routing:
+            print(routing_view([vocab.decode([i]) for i in result["ids"]], result["routes"], color).splitlines()[-1])
 
 
 # -----------------------------------------------------------------------------
@@ -1438,8 +1812,17 @@ def config_from_args(args: argparse.Namespace) -> tuple[CaMoEConfig, dict]:
 
 
 def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] in ("generate", "chat"):
+        try:
+            return run_generate(argv[1:], chat=argv[0] == "chat")
+        except (ValueError, OSError, ImportError) as exc:
+            raise SystemExit(f"camoe: error: {exc}") from None
     args = build_parser().parse_args(argv)
     cfg, explicit = config_from_args(args)
+    if not args.resume and not cfg.init_from and "prewarm_steps" not in explicit:
+        # prewarm protects a base model's knowledge while the new parts catch up; from scratch there is none
+        cfg = dataclasses.replace(cfg, prewarm_steps=0)
     try:
         if args.bench_steps < 1:
             raise ValueError(f"--bench-steps must be >= 1, got {args.bench_steps}")

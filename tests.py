@@ -746,7 +746,7 @@ def test_camoe_causal_linear_attention_matches_naive():
     n, H, d = len(seq), 2, 4
     q, k = torch.rand(n, H, d, generator=gen), torch.rand(n, H, d, generator=gen)
     v = torch.randn(n, H, d, generator=gen)
-    num, den = camoe.causal_linear_attention(q, k, v, seq, n_seq=4, chunk=4)
+    num, den, _ = camoe.causal_linear_attention(q, k, v, seq, n_seq=4, chunk=4)
     for i in range(n):
         seen = (seq == seq[i]) & (torch.arange(n) <= i)
         scores = torch.einsum("hd,jhd->jh", q[i], k[seen])
@@ -959,36 +959,154 @@ def test_camoe_prewarm_keeps_frozen_weights_bit_identical_and_computes_no_gradie
     assert len(graded) == 4 and all(not g & frozen for g in graded[:3]) and frozen <= graded[3]
 
 
-def test_camoe_dense_rwkv7_matches_rwkv_package():
-    """With router=dense, top_k=1 and no DEA, CaMoE is exactly RWKV-7: compare logits with rwkv's RWKV_x070."""
+def _rwkv7_file(path, n_layer=3, C=64, vocab=300, extra=None):
+    """Random RWKV-7 weights written in RWKV-LM's format (the names and shapes the `rwkv` package loads, with
+    layer 0's unused value-residual LoRA as real files have it), no weight left at zero."""
+    cfg = camoe.CaMoEConfig(n_layer=n_layer, n_embd=C, head_size=16, vocab_size=vocab, router="dense", top_k=1,
+                            use_deep_embed_attention=False, lora_dims=[32, 32, 32, 64])
+    torch.manual_seed(0)
+    sd = {k: v + torch.randn_like(v) * 0.1 for k, v in camoe.CaMoE_System(cfg).state_dict().items()}
+    sd.update({"blocks.0.att.v0": torch.randn(1, 1, C), "blocks.0.att.v1": torch.randn(C, 32),
+               "blocks.0.att.v2": torch.randn(32, C)}, **(extra or {}))
+    torch.save(sd, path)
+    return sd
+
+
+def test_camoe_base_model_from_rwkv7_file_equals_rwkv_package(tmp_path):
+    """--init-from a file in RWKV-LM's format with --router base: the logits equal the `rwkv` package's
+    RWKV_x070 on the same file, for a whole sequence and token by token with carried state, although the
+    model also holds DEA, a transformer expert, a critic's worth of new parts and 3 RWKV experts."""
     pytest.importorskip("rwkv")
+    _rwkv7_file(tmp_path / "base.pth")
     script = """
-import os, sys, torch
+import sys, torch
 sys.path.insert(0, sys.argv[1])
 import camoe
 from rwkv.model import RWKV
-cfg = camoe.CaMoEConfig(n_layer=3, n_embd=64, head_size=16, vocab_size=300, router="dense", top_k=1,
-                        use_deep_embed_attention=False)
-torch.manual_seed(0)
+path = sys.argv[2] + "/base"
+base, shape = camoe.read_rwkv7(path + ".pth")
+cfg = camoe.base_config(camoe.CaMoEConfig(**dict(camoe.SIZES["tiny"], router="base", trans_heads=4)), shape, {}, path)
 model = camoe.CaMoE_System(cfg).eval()
+camoe.load_base_weights(model, base, path)
+idx = torch.randint(0, 300, (1, 45), generator=torch.Generator().manual_seed(1))
+ref = RWKV(model=path, strategy="cpu fp32")
 with torch.no_grad():
-    for p in model.parameters():
-        p.add_(torch.randn_like(p) * 0.1)  # leave no zero-initialised weight: every path must matter
-path = os.path.join(sys.argv[2], "rwkv7")
-torch.save(model.state_dict(), path + ".pth")
-idx = torch.randint(0, 300, (1, 45))
-ours = model(idx)[0][0]
-theirs = RWKV(model=path, strategy="cpu fp32").forward(idx[0].tolist(), None, full_output=True)[0]
-print("MAXERR", float((ours - theirs).abs().max()), float(theirs.abs().max()))
+    ours, theirs = model(idx)[0][0], ref.forward(idx[0].tolist(), None, full_output=True)[0]
+    state, ref_state, step = [], None, 0.0
+    for t in range(45):
+        a = model(idx[:, t:t + 1], state=state)[0][0, 0]
+        b, ref_state = ref.forward([int(idx[0, t])], ref_state)
+        step = max(step, float((a - b).abs().max()))
+print("ERR", float((ours - theirs).abs().max()), step, float(theirs.abs().max()), cfg.lora_dims, cfg.ffn_mult)
 """
-    import tempfile
-    with tempfile.TemporaryDirectory() as tmp:
-        env = dict(os.environ, RWKV_V7_ON="1", RWKV_JIT_ON="1")
-        out = subprocess.run([sys.executable, "-c", script, HERE, tmp], capture_output=True, text=True, env=env,
-                             timeout=300)
+    env = dict(os.environ, RWKV_V7_ON="1", RWKV_JIT_ON="1")
+    out = subprocess.run([sys.executable, "-c", script, HERE, str(tmp_path)], capture_output=True, text=True, env=env,
+                         timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
-    err, scale = map(float, re.search(r"MAXERR (\S+) (\S+)", out.stdout).groups())
-    assert scale > 0.1 and err < 1e-4 * scale
+    whole, step, scale = map(float, re.search(r"ERR (\S+) (\S+) (\S+)", out.stdout).groups())
+    assert scale > 1 and whole < 1e-4 * scale and step < 1e-4 * scale
+    assert "[32, 32, 32, 64] 4" in out.stdout  # the LoRA widths and FFN width were read from the file
+
+
+@pytest.mark.parametrize("router", ["market", "softmax", "dense", "base"])
+def test_camoe_rnn_mode_equals_the_parallel_forward(router):
+    """A sequence fed as a prompt, then token by token, then a last chunk, with carried state: the same logits
+    as fed whole, with DEA's cache, the transformer experts' memories and the token shifts all carried."""
+    cfg = _camoe_cfg(num_rwkv_experts=2, num_trans_experts=2, ctx_len=40, router=router)
+    torch.manual_seed(0)
+    model = camoe.CaMoE_System(cfg).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+        x = torch.randint(0, cfg.vocab_size, (3, 40), generator=torch.Generator().manual_seed(1))
+        whole = model(x)[0]
+        state = []
+        pieces = [model(x[:, :7], state=state)[0]] + [model(x[:, t:t + 1], state=state)[0] for t in range(7, 20)]
+        pieces.append(model(x[:, 20:], state=state)[0])
+    assert torch.allclose(torch.cat(pieces, 1), whole, atol=1e-5, rtol=0)
+    assert len(state) == cfg.n_layer
+    if router == "market":
+        assert state[0]["dea"]["keys"].shape[1] == 40 and state[0]["memory"]  # DEA cache, expert memories
+
+
+def test_camoe_init_from_reports_every_tensor_and_refuses_bad_files(tmp_path, capsys):
+    deep = {f"blocks.{i}.ffn.{n}": torch.randn(4, 4) for i in range(3) for n in ("s_emb.weight", "s1", "s0")}
+    _rwkv7_file(tmp_path / "base.pth", extra=deep)
+    base, shape = camoe.read_rwkv7(str(tmp_path / "base.pth"))
+    assert shape == dict(n_layer=3, n_embd=64, head_size=16, vocab_size=300, ffn_mult=4, lora_dims=[32, 32, 32, 64])
+    cfg = camoe.base_config(_camoe_cfg(), shape, {}, "f")
+    assert not cfg.compact_vocab and cfg.n_embd == 64 and cfg.n_layer == 3
+    model = camoe.CaMoE_System(dataclasses.replace(cfg, trans_heads=4))
+    report = "\n".join(camoe.load_base_weights(model, base, "f"))
+    assert "the 3 RWKV experts of each layer start as copies of its FFN" in report
+    assert "not used (DeepEmbed FFN gating): blocks.*.ffn.s0, blocks.*.ffn.s1, blocks.*.ffn.s_emb.weight" in report
+    assert "not used (layer 0's value-residual mix" in report and "new, from their initial values:" in report
+    for e in range(3):
+        assert torch.equal(model.blocks[2].experts[e].key.weight, base["blocks.2.ffn.key.weight"])
+    assert torch.equal(model.blocks[0].ln0.weight, base["blocks.0.ln0.weight"])  # ln0, the head and the FFN shift
+    assert torch.equal(model.head.weight, base["head.weight"]) and torch.equal(model.blocks[1].experts[0].x_k,
+                                                                               base["blocks.1.ffn.x_k"])
+
+    def error(*flags):
+        with pytest.raises(SystemExit) as exc:
+            camoe.main(_camoe_args(tmp_path, "--out-dir", str(tmp_path / "run"), *flags))
+        assert "\n" not in str(exc.value)
+        return str(exc.value)
+
+    assert "has n-embd 64, but --n-embd 32 was given" in error("--init-from", str(tmp_path / "base.pth"))
+    torch.save({"weight": torch.zeros(3)}, tmp_path / "other.pth")
+    assert "not an RWKV-7 checkpoint in RWKV-LM's format (no emb.weight" in error("--init-from", str(tmp_path / "other.pth"))
+    (tmp_path / "cut.pth").write_bytes((tmp_path / "base.pth").read_bytes()[:5000])
+    assert "not a readable checkpoint" in error("--init-from", str(tmp_path / "cut.pth"))
+    assert "checkpoint file not found" in error("--init-from", str(tmp_path / "missing.pth"))
+    camoe.main(_camoe_args(tmp_path, "--out-dir", str(tmp_path / "camoe"), "--max-steps", "1"))
+    assert "a CaMoE training checkpoint, not RWKV-7 base weights" in error("--init-from", str(tmp_path / "camoe" / "ckpt.pt"))
+    bad = dict(base, **{"blocks.1.att.key.weight": torch.zeros(64, 32)})
+    torch.save(bad, tmp_path / "bad.pth")
+    assert "blocks.1.att.key.weight has shape (64, 32)" in error("--init-from", str(tmp_path / "bad.pth"), "--n-embd", "64",
+                                                               "--trans-heads", "4")
+
+
+def test_camoe_generate_and_chat_show_routing_and_speed(tmp_path, capsys, monkeypatch):
+    rng = random.Random(0)
+    words = "market capital expert token price bid tax floor critic router bridge state".split()
+    (tmp_path / "corpus.txt").write_text("".join(f"User: {' '.join(rng.choices(words, k=4))}\n\nAssistant: "
+                                                 f"{' '.join(rng.choices(words, k=8))}\n\n" for _ in range(300)))
+    out = tmp_path / "run"
+    camoe.main(_camoe_args(tmp_path, "--out-dir", str(out), "--max-steps", "3"))
+    capsys.readouterr()
+    camoe.main(["generate", "--ckpt", str(out / "ckpt.pt"), "--prompt", "User: market capital", "--max-new-tokens", "6",
+                "--temperature", "0"])
+    text = capsys.readouterr().out
+    assert text.startswith("User: market capital")
+    rows = [l for l in text.splitlines() if re.fullmatch(r"\s+'.*' [RT]{2}", l)]
+    assert len(rows) == 6  # a row per generated token, a letter per layer
+    assert re.search(r"share of tokens to transformer experts per layer: [0-9.]+ [0-9.]+", text)
+    assert re.search(r"6 tokens, [0-9.]+ tokens/s", text)
+    with pytest.raises(SystemExit) as exc:
+        camoe.main(["generate", "--ckpt", str(out / "ckpt.pt"), "--prompt", "\u4e2d\u6587 only", "--max-new-tokens", "2"])
+    assert "compact vocabulary lacks" in str(exc.value)
+
+    model = camoe.load_model(str(out / "ckpt.pt"))
+    vocab = camoe.Vocab(model)
+    greedy = camoe.generate(model, vocab.encode("User: market"), camoe.Sampling(max_new_tokens=8, temperature=0), vocab.decode)
+    with torch.no_grad():  # greedy decoding in RNN mode picks the parallel forward's argmax at every step
+        ids = vocab.encode("User: market") + greedy["ids"]
+        logits = model(torch.tensor([ids]))[0][0]
+    assert greedy["ids"] == logits[len(ids) - 9:-1].argmax(-1).tolist()
+    stop = vocab.decode(greedy["ids"][2:4])
+    cut = camoe.generate(model, vocab.encode("User: market"), camoe.Sampling(max_new_tokens=8, temperature=0, stop=[stop]),
+                         vocab.decode)
+    assert stop not in cut["text"] and greedy["text"].startswith(cut["text"])
+    logits = torch.tensor([2.0, -2.0, 1.0])
+    assert camoe.penalise_repeats(logits, [0, 1], 2.0).tolist() == [1.0, -4.0, 1.0]
+
+    answers = iter(["\u4e2d\u6587", "market price", ""])  # a message it cannot encode, then one it can
+    monkeypatch.setattr("builtins.input", lambda prompt: next(answers))
+    camoe.main(["chat", "--ckpt", str(out / "ckpt.pt"), "--max-new-tokens", "4", "--temperature", "0"])
+    text = capsys.readouterr().out
+    assert "compact vocabulary lacks" in text and "Assistant:" in text and "share of tokens" in text
+    assert re.search(r"\[\d+ tokens, [0-9.]+/s\]", text)
 
 
 def _camoe_args(tmp_path, *extra):
@@ -1026,15 +1144,25 @@ def test_camoe_resume_continues_exactly_and_old_checkpoints_load(tmp_path, capsy
     for key in ("bid_noise", "critic_samples", "capital_cap"):  # a checkpoint from before these fields existed
         del ckpt["config"][key]
     del ckpt["model"]["blocks.1.critic.affinity_head.weight"]  # ... and before this parameter existed
+    names = ckpt["optimizer_names"]
+    gone = names.index("blocks.1.critic.affinity_head.weight")
+    ckpt["optimizer_names"] = names[:gone] + names[gone + 1:]
+    ckpt["optimizer"]["state"] = {i - (i > gone): v for i, v in ckpt["optimizer"]["state"].items() if i != gone}
     torch.save(ckpt, ckpt_path)
     capsys.readouterr()
     camoe.main(_camoe_args(tmp_path, "--out-dir", split, "--max-steps", "8", "--resume"))
     assert len(_camoe_losses(split)) == 8
+    out = capsys.readouterr().out
+    assert "1 parameters/buffers new since this checkpoint" in out and "AdamW restarts" not in out  # matched by name
+    ckpt = torch.load(ckpt_path, weights_only=True)
+    del ckpt["optimizer_names"]  # a checkpoint from before the optimizer's parameters were named
+    torch.save(ckpt, ckpt_path)
+    camoe.main(_camoe_args(tmp_path, "--out-dir", split, "--max-steps", "9", "--resume"))
     assert "AdamW restarts its moments" in capsys.readouterr().out
 
     torch.save({"config": ckpt["config"], "model": ckpt["model"]}, ckpt_path)  # someone else's file
     with pytest.raises(SystemExit) as exc:
-        camoe.main(_camoe_args(tmp_path, "--out-dir", split, "--max-steps", "9", "--resume"))
+        camoe.main(_camoe_args(tmp_path, "--out-dir", split, "--max-steps", "10", "--resume"))
     assert "not a CaMoE training checkpoint (no optimizer, rng, step)" in str(exc.value)
     with open(ckpt_path, "wb") as f:
         f.write(b"not a checkpoint")
@@ -1057,6 +1185,8 @@ def test_camoe_resume_continues_exactly_and_old_checkpoints_load(tmp_path, capsy
     (["--top-k", "5"], "--top-k 5 must be between 2 and the 4 experts"),
     (["--lr", "1e-3", "--min-lr", "1e-2"], "--min-lr 0.01 is above --lr 0.001"),
     (["--bench-steps", "0"], "--bench-steps must be >= 1"),
+    (["--head-size", "8"], "--head-size must be one of (16, 32, 64, 128)"),
+    (["--lora-dims", "32", "32"], "--lora-dims needs 4 positive widths"),
 ])
 def test_camoe_bad_settings_are_one_line_before_any_work(tmp_path, flags, names):
     with pytest.raises(SystemExit) as exc:
@@ -1083,6 +1213,13 @@ def test_camoe_refuses_bad_data_foreign_checkpoints_and_sizes_that_do_not_fit(tm
     message = error("--out-dir", str(run), "--max-steps", "3", "--resume", "--n-embd", "64")
     assert "trained with --n-embd 32; a resumed run keeps the model's shape" in message
     assert "--floor-share must be in [0, 1)" in error("--out-dir", str(run), "--resume", "--floor-share", "2")
+    assert "trained with --total-capital 1000.0" in error("--out-dir", str(run), "--resume", "--total-capital", "5000")
+    changed = tmp_path / "changed.txt"
+    changed.write_text((tmp_path / "corpus.txt").read_text() + " zebra")
+    assert "token ids outside the checkpoint's compact vocabulary" in error("--out-dir", str(run), "--resume",
+                                                                          "--data-path", str(changed))
+    assert "nothing trains in prewarm" in error("--out-dir", str(tmp_path / "p"), "--router", "dense",
+                                                "--no-use-deep-embed-attention", "--prewarm-steps", "2")
     ckpt = torch.load(run / "ckpt.pt", weights_only=True)
     ckpt["model"]["blocks.0.att.key.weight"] = torch.zeros(3, 3)  # weights that do not fit their own config
     torch.save(ckpt, run / "bad.pt")
@@ -1142,7 +1279,8 @@ def test_camoe_market_under_torch_compile_equals_eager():
     (v_eager, k_eager), (v_comp, k_comp) = runs
     assert isinstance(camoe.wrap_model(compiled_raw, cfg, torch.device("cpu"), False), torch._dynamo.eval_frame.OptimizedModule)
     assert v_comp[1:].abs().min() > 0 and (k_comp[-1] - k_comp[0]).abs().max() > 1.0  # the market is on
-    assert torch.allclose(v_comp, v_eager, rtol=1e-3, atol=1e-7) and torch.allclose(k_comp, k_eager, rtol=1e-4)
+    # inductor's fused kernels round differently: 4e-6 on values of about 1e-3 after 4 AdamW steps
+    assert torch.allclose(v_comp, v_eager, rtol=1e-2, atol=2e-5) and torch.allclose(k_comp, k_eager, rtol=1e-4)
 
 
 def test_camoe_data_sources_binidx_jsonl_mix_and_errors(tmp_path):
