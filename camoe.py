@@ -40,9 +40,9 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
-from common import (MetricsLogger, add_config_flags, atomic_save, atomic_write, bf16_autocast, builtin_corpus_files,
-                    cleanup_ddp, cosine_lr, given_flags, load_checkpoint, pick_device, read_checkpoint, sample_next,
-                    seed_everything, setup_ddp)
+from common import (MetricsLogger, add_config_flags, atomic_save, atomic_write, atomic_write_bytes, bf16_autocast,
+                    builtin_corpus_files, cleanup_ddp, cosine_lr, given_flags, load_checkpoint, pick_device,
+                    read_checkpoint, sample_next, seed_everything, setup_ddp)
 from rwkv7_kernel import HEAD_SIZES, wkv7
 
 # -----------------------------------------------------------------------------
@@ -249,7 +249,7 @@ class RWKV7_TimeMix(nn.Module):
         zigzag = zigzag * zigzag.abs()
         decay_speed = -6 + 6 * (n / (C - 1)) ** (1 + ratio_0_to_1 ** 0.3)
         self.w0 = nn.Parameter((decay_speed + 0.5 + zigzag * 2.5).view(1, 1, C))
-        dims = cfg.lora_dims or [_lora_dim(C, 2.5), _lora_dim(C, 2.5), _lora_dim(C, 1.7), _lora_dim(C, 5, 0.8)]
+        dims = cfg.lora_dims or [_lora_dim(C, 2.5), _lora_dim(C, 2.5), _lora_dim(C, 1.7), _lora_dim(C, 0.6, 0.8)]
         self.w1, self.w2 = self._lora(C, dims[0])
         self.a0 = nn.Parameter((-0.19 + zigzag * 0.3 + linear * 0.4).view(1, 1, C))
         self.a1, self.a2 = self._lora(C, dims[1])
@@ -1520,6 +1520,7 @@ def train_loop(cfg: CaMoEConfig, data: TokenData, raw: CaMoE_System, optimizer, 
                desc="train", unit="step")
     stop = StopFlag()
     stats, model, in_prewarm = {}, None, None
+    first, started = step, time.time()
     try:
         for step in bar:
             if (step < cfg.prewarm_steps) != in_prewarm:  # (re)wrap so DDP and compile see what trains now
@@ -1530,6 +1531,10 @@ def train_loop(cfg: CaMoEConfig, data: TokenData, raw: CaMoE_System, optimizer, 
             t0 = time.time()
             stats = train_step(model, raw, optimizer, data, cfg, device, step, is_ddp, world)
             stats["tokens_per_s"] = tokens_per_step / (time.time() - t0)
+            if step == first + 2 and rank == 0:  # the cost of the run, measured on its first steps
+                per_step = (time.time() - started) / 3
+                bar.write(f"first 3 steps: {per_step:.2f} s/step; the {cfg.max_steps - first} steps of this run "
+                          f"will take about {per_step * (cfg.max_steps - first) / 3600:.1f} h")
             last = step + 1 == cfg.max_steps
             if cfg.eval_interval and ((step + 1) % cfg.eval_interval == 0 or last):
                 stats["val_loss"] = estimate_val_loss(raw, data, cfg, device, rank, world)
@@ -1599,6 +1604,14 @@ class Vocab:
             raise ValueError(f"the text has {len(unknown)} token(s) this model's compact vocabulary lacks, such as "
                              f"{self.tok.decode(unknown[:1])!r}")
         return [self.to_model[i] for i in ids]
+
+    def encode_ids(self, world_ids: list[int]) -> list[int]:
+        """World-tokenizer ids as the model's ids."""
+        if self.to_model is None:
+            return world_ids
+        if any(i not in self.to_model for i in world_ids):
+            raise ValueError(f"token ids {world_ids} are not all in this model's compact vocabulary")
+        return [self.to_model[i] for i in world_ids]
 
     def decode(self, ids: list[int]) -> str:
         return self.tok.decode(ids if self.to_world is None else [self.to_world[i] for i in ids])
@@ -1727,6 +1740,103 @@ def run_generate(argv: list[str], chat: bool) -> None:
 
 
 # -----------------------------------------------------------------------------
+# lm-evaluation-harness
+
+
+class CaMoEScorer:
+    """What lm-evaluation-harness asks of a model, on a CaMoE checkpoint (its own config defines the model):
+    loglikelihood, loglikelihood_rolling and generate_until over requests whose .args are the task's strings.
+    Texts longer than ctx_len are fed in windows of ctx_len with carried state (RNN mode), so every token is
+    scored with its whole history; an empty context is scored from the end-of-text token (id 0).
+    harness_model() turns this into the registered lm_eval model class `camoe`."""
+
+    def __init__(self, ckpt: str = "", init_from: str = "", router: str = "base", device: str = "auto"):
+        super().__init__()
+        self.model = load_model(ckpt, init_from, router, device)
+        self.vocab = Vocab(self.model)
+        self.eot = self.vocab.encode_ids([0])[0]
+        self.window = self.model.cfg.ctx_len
+
+    @torch.no_grad()
+    def token_logprobs(self, ids: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """log p(ids[i] | ids[:i]) for i >= 1, and whether each was the greedy choice: (len - 1,) each."""
+        device = next(self.model.parameters()).device
+        state, logprobs, greedy = [], [], []
+        for start in range(0, len(ids) - 1, self.window):
+            chunk = torch.tensor([ids[start:start + self.window]], device=device)
+            targets = torch.tensor(ids[start + 1:start + 1 + chunk.shape[1]], device=device)
+            logits = self.model(chunk, state=state)[0][0, :len(targets)].float().log_softmax(-1)  # (L, V)
+            logprobs.append(logits.gather(1, targets[:, None]).squeeze(1))
+            greedy.append(logits.argmax(-1) == targets)
+        return torch.cat(logprobs).cpu(), torch.cat(greedy).cpu()
+
+    def _split(self, context: str, continuation: str) -> tuple[list[int], list[int]]:
+        """Token ids of context and continuation, cut where the context's own tokens end when they agree."""
+        whole, ctx = self.vocab.encode(context + continuation), self.vocab.encode(context)
+        cont = whole[len(ctx):] if whole[:len(ctx)] == ctx and len(whole) > len(ctx) else self.vocab.encode(continuation)
+        return [self.eot] + ctx, cont  # end-of-text first: an empty context is scored from it
+
+    def loglikelihood(self, requests) -> list[tuple[float, bool]]:
+        out = []
+        for request in requests:
+            ctx, cont = self._split(*request.args)
+            logprobs, greedy = self.token_logprobs(ctx + cont)
+            out.append((float(logprobs[-len(cont):].sum()), bool(greedy[-len(cont):].all())))
+        return out
+
+    def loglikelihood_rolling(self, requests) -> list[float]:
+        return [float(self.token_logprobs([self.eot] + self.vocab.encode(r.args[0]))[0].sum()) for r in requests]
+
+    def generate_until(self, requests) -> list[str]:
+        out = []
+        for request in requests:
+            context, kwargs = request.args
+            until = kwargs.get("until", [])
+            sampling = Sampling(max_new_tokens=int(kwargs.get("max_gen_toks", 256)),
+                                temperature=float(kwargs.get("temperature", 0.0)) if kwargs.get("do_sample") else 0.0,
+                                stop=[until] if isinstance(until, str) else list(until))
+            out.append(generate(self.model, [self.eot] + self.vocab.encode(context), sampling, self.vocab.decode)["text"])
+        return out
+
+
+@functools.cache
+def harness_model() -> type:
+    """CaMoEScorer as an lm_eval model class, registered as `camoe` (lm_eval is imported only here)."""
+    from lm_eval.api.model import LM
+    from lm_eval.api.registry import register_model
+    return register_model("camoe")(type("CaMoELM", (CaMoEScorer, LM), {}))
+
+
+def run_lm_eval(argv: list[str]) -> dict:
+    """python camoe.py lm-eval: see --help."""
+    parser = argparse.ArgumentParser(prog="camoe.py lm-eval", description="Score a CaMoE checkpoint with "
+                                     "lm-evaluation-harness (lm_eval.simple_evaluate), as the model `camoe`")
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--ckpt", default="", help="a CaMoE checkpoint (out_dir/ckpt.pt)")
+    source.add_argument("--init-from", default="", help="an RWKV-7 .pth base model instead (RWKV-LM's format)")
+    parser.add_argument("--tasks", required=True, help="comma-separated task names")
+    parser.add_argument("--include-path", default=None, help="a folder of extra task YAML files")
+    parser.add_argument("--num-fewshot", type=int, default=None, help="few-shot examples (default: the task's)")
+    parser.add_argument("--limit", type=float, default=None, help="documents per task (or a fraction)")
+    parser.add_argument("--output", default="", help="write the results as JSON here")
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    args = parser.parse_args(argv)
+    try:
+        import lm_eval
+        from lm_eval.tasks import TaskManager
+        from lm_eval.utils import make_table
+    except ImportError as exc:
+        raise ImportError("lm-eval needs the lm-evaluation-harness: pip install lm-eval") from exc
+    model = harness_model()(ckpt=args.ckpt, init_from=args.init_from, device=args.device)
+    results = lm_eval.simple_evaluate(model=model, tasks=args.tasks.split(","), num_fewshot=args.num_fewshot,
+                                      limit=args.limit, task_manager=TaskManager(include_path=args.include_path))
+    print(make_table(results))
+    if args.output:
+        atomic_write_bytes(json.dumps(results, default=str, indent=1).encode(), args.output)
+    return results
+
+
+# -----------------------------------------------------------------------------
 # benchmark
 
 
@@ -1813,9 +1923,13 @@ def config_from_args(args: argparse.Namespace) -> tuple[CaMoEConfig, dict]:
 
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
-    if argv and argv[0] in ("generate", "chat"):
+    if argv and argv[0] in ("generate", "chat", "lm-eval"):
         try:
-            return run_generate(argv[1:], chat=argv[0] == "chat")
+            if argv[0] == "lm-eval":
+                run_lm_eval(argv[1:])
+            else:
+                run_generate(argv[1:], chat=argv[0] == "chat")
+            return
         except (ValueError, OSError, ImportError) as exc:
             raise SystemExit(f"camoe: error: {exc}") from None
     args = build_parser().parse_args(argv)

@@ -1109,6 +1109,69 @@ def test_camoe_generate_and_chat_show_routing_and_speed(tmp_path, capsys, monkey
     assert re.search(r"\[\d+ tokens, [0-9.]+/s\]", text)
 
 
+_LM_EVAL_TASK = """task: {name}
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {data}
+test_split: test
+output_type: {kind}
+{body}
+"""
+
+
+def test_camoe_lm_eval_end_to_end_on_local_tasks(tmp_path, monkeypatch):
+    """lm-eval through lm_eval.simple_evaluate on three tasks written here (no download): a loglikelihood
+    task with an empty context, rolling perplexity on documents 4x longer than ctx_len, generate_until;
+    the harness's numbers equal a direct computation with one parallel forward."""
+    pytest.importorskip("lm_eval")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    out = tmp_path / "run"
+    camoe.main(_camoe_args(tmp_path, "--out-dir", str(out), "--max-steps", "3"))
+    rng = random.Random(1)
+    words = "market capital expert token price bid tax floor critic router bridge state".split()
+    docs = [dict(context=" ".join(rng.choices(words, k=5)) if i else "", target=" " + rng.choice(words),
+                 text=" ".join(rng.choices(words, k=150)), answer="x") for i in range(4)]
+    (tmp_path / "docs.jsonl").write_text("".join(json.dumps(d) + "\n" for d in docs))
+    tasks = tmp_path / "tasks"
+    tasks.mkdir()
+    bodies = dict(ll=("loglikelihood", 'doc_to_text: "{{context}}"\ndoc_to_target: "{{target}}"\ntarget_delimiter: ""'
+                      "\nmetric_list:\n  - metric: acc"),
+                  roll=("loglikelihood_rolling", 'doc_to_text: ""\ndoc_to_target: "{{text}}"\nmetric_list:\n'
+                        "  - metric: word_perplexity"),
+                  gen=("generate_until", 'doc_to_text: "{{context}}"\ndoc_to_target: "{{answer}}"\n'
+                       'generation_kwargs:\n  until: ["\\n"]\n  max_gen_toks: 3\nmetric_list:\n  - metric: exact_match'))
+    for name, (kind, body) in bodies.items():
+        (tasks / f"{name}.yaml").write_text(_LM_EVAL_TASK.format(name=f"camoe_{name}", data=tmp_path / "docs.jsonl",
+                                                                 kind=kind, body=body))
+    camoe.main(["lm-eval", "--ckpt", str(out / "ckpt.pt"), "--tasks", "camoe_ll,camoe_roll,camoe_gen",
+                "--include-path", str(tasks), "--output", str(tmp_path / "results.json")])
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert {"camoe_ll", "camoe_roll", "camoe_gen"} <= set(results["results"])
+
+    model = camoe.load_model(str(out / "ckpt.pt"))
+    vocab = camoe.Vocab(model)
+    assert model.cfg.ctx_len == 32
+
+    def direct(ids):  # the sum of log p(token | all before it), one parallel pass over the whole text
+        with torch.no_grad():
+            logp = model(torch.tensor([ids[:-1]]))[0][0].log_softmax(-1)
+        return logp.gather(1, torch.tensor(ids[1:])[:, None]).squeeze(1)
+
+    eot = vocab.encode_ids([0])[0]
+    for sample in results["samples"]["camoe_ll"]:
+        doc = sample["doc"]
+        ctx, cont = vocab.encode(doc["context"]), vocab.encode(doc["target"])
+        expected = float(direct([eot] + ctx + cont)[-len(cont):].sum())  # doc 0: an empty context, from eot
+        assert abs(sample["resps"][0][0][0] - expected) < 1e-4 * abs(expected)
+    for sample in results["samples"]["camoe_roll"]:
+        ids = [eot] + vocab.encode(sample["doc"]["text"])
+        assert len(ids) > 4 * model.cfg.ctx_len  # several windows, the state carried between them
+        expected = float(direct(ids).sum())  # every token scored once, with its whole history
+        assert abs(sample["resps"][0][0] - expected) < 1e-4 * abs(expected)
+    assert all(isinstance(s["resps"][0][0], str) for s in results["samples"]["camoe_gen"])
+
+
 def _camoe_args(tmp_path, *extra):
     text = tmp_path / "corpus.txt"
     if not text.exists():
