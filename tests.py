@@ -1008,6 +1008,41 @@ print("ERR", float((ours - theirs).abs().max()), step, float(theirs.abs().max())
     assert "[32, 32, 32, 64] 4" in out.stdout  # the LoRA widths and FFN width were read from the file
 
 
+def test_camoe_loads_a_file_of_the_0_1b_world_models_shape(tmp_path):
+    """Random bf16 weights with the names and shapes of RWKV-x070-World-0.1B (12 x 768, vocab 65536, LoRA
+    widths 64/64/32/128): the shapes are read from the file, and the loaded model's logits equal the `rwkv`
+    package's on it."""
+    pytest.importorskip("rwkv")
+    script = """
+import sys, torch
+sys.path.insert(0, sys.argv[1])
+import camoe
+from rwkv.model import RWKV
+cfg = camoe.CaMoEConfig(n_layer=12, n_embd=768, head_size=64, vocab_size=65536, router="dense", top_k=1,
+                        use_deep_embed_attention=False, lora_dims=[64, 64, 32, 128])
+with torch.device("meta"):
+    shapes = {k: v.shape for k, v in camoe.CaMoE_System(cfg).state_dict().items()}
+gen = torch.Generator().manual_seed(0)
+sd = {k: (torch.randn(s, generator=gen) * (0.5 if "ln" in k else 0.05)).to(torch.bfloat16) for k, s in shapes.items()}
+path = sys.argv[2] + "/RWKV-x070-World-0.1B-shaped"
+torch.save(sd, path + ".pth")
+model = camoe.load_model(init_from=path + ".pth")
+print("CFG", model.cfg.n_layer, model.cfg.n_embd, model.cfg.vocab_size, model.cfg.lora_dims, model.cfg.ffn_mult)
+idx = [33, 2000, 65000, 7, 12345, 0, 500, 60000]
+with torch.no_grad():
+    ours = model(torch.tensor([idx]))[0][0]
+theirs = RWKV(model=path, strategy="cpu fp32").forward(idx, None, full_output=True)[0]
+print("ERR", float((ours - theirs).abs().max()), float(theirs.abs().max()))
+"""
+    env = dict(os.environ, RWKV_V7_ON="1", RWKV_JIT_ON="1")
+    out = subprocess.run([sys.executable, "-c", script, HERE, str(tmp_path)], capture_output=True, text=True, env=env,
+                         timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "CFG 12 768 65536 [64, 64, 32, 128] 4" in out.stdout
+    err, scale = map(float, re.search(r"ERR (\S+) (\S+)", out.stdout).groups())
+    assert scale > 0.1 and err < 1e-4 * scale
+
+
 @pytest.mark.parametrize("router", ["market", "softmax", "dense", "base"])
 def test_camoe_rnn_mode_equals_the_parallel_forward(router):
     """A sequence fed as a prompt, then token by token, then a last chunk, with carried state: the same logits
