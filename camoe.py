@@ -212,6 +212,11 @@ def _lora_dim(C: int, factor: float, power: float = 0.5) -> int:
     return max(32, int(round(factor * C ** power / 32)) * 32)
 
 
+def default_lora_dims(C: int) -> list[int]:
+    """RWKV-LM's LoRA widths of time mixing for width C: decay, in-context rate, value residual, gate."""
+    return [_lora_dim(C, 2.5), _lora_dim(C, 2.5), _lora_dim(C, 1.7), _lora_dim(C, 0.6, 0.8)]
+
+
 class RWKV7_TimeMix(nn.Module):
     """RWKV-7 time mixing, parameter for parameter as RWKV-LM's v7 and the `rwkv` package's RWKV_x070.
 
@@ -249,7 +254,7 @@ class RWKV7_TimeMix(nn.Module):
         zigzag = zigzag * zigzag.abs()
         decay_speed = -6 + 6 * (n / (C - 1)) ** (1 + ratio_0_to_1 ** 0.3)
         self.w0 = nn.Parameter((decay_speed + 0.5 + zigzag * 2.5).view(1, 1, C))
-        dims = cfg.lora_dims or [_lora_dim(C, 2.5), _lora_dim(C, 2.5), _lora_dim(C, 1.7), _lora_dim(C, 0.6, 0.8)]
+        dims = cfg.lora_dims or default_lora_dims(C)
         self.w1, self.w2 = self._lora(C, dims[0])
         self.a0 = nn.Parameter((-0.19 + zigzag * 0.3 + linear * 0.4).view(1, 1, C))
         self.a1, self.a2 = self._lora(C, dims[1])
@@ -902,8 +907,9 @@ def gini(x: torch.Tensor) -> float:
 RWKV7_REQUIRED = ("emb.weight", "blocks.0.ln0.weight", "blocks.0.att.r_k", "blocks.0.att.w1", "blocks.0.att.a1",
                   "blocks.0.att.g1", "blocks.0.ffn.key.weight", "ln_out.weight", "head.weight")
 # tensors of RWKV-7 files that have no counterpart here, with the reason printed when a file holds them
-RWKV7_UNUSED = {"ffn.s_emb.weight": "DeepEmbed FFN gating", "ffn.s_emb_x.weight": "DeepEmbed FFN gating",
-                "ffn.s1": "DeepEmbed FFN gating", "ffn.s2": "DeepEmbed FFN gating", "ffn.s0": "DeepEmbed FFN gating",
+DEEP_EMBED_GATING = "DeepEmbed FFN gating, not implemented here: the model is not this base model"
+RWKV7_UNUSED = {"ffn.s_emb.weight": DEEP_EMBED_GATING, "ffn.s_emb_x.weight": DEEP_EMBED_GATING,
+                "ffn.s1": DEEP_EMBED_GATING, "ffn.s2": DEEP_EMBED_GATING, "ffn.s0": DEEP_EMBED_GATING,
                 "blocks.0.att.v0": "layer 0's value-residual mix, which RWKV-7 never applies",
                 "blocks.0.att.v1": "layer 0's value-residual mix, which RWKV-7 never applies",
                 "blocks.0.att.v2": "layer 0's value-residual mix, which RWKV-7 never applies"}
@@ -1364,10 +1370,33 @@ def restore_rng(rngs: list[dict], data: TokenData, rank: int, seed: int, step: i
         torch.cuda.set_rng_state_all(rngs[rank]["cuda"])
 
 
+def read_camoe_checkpoint(path) -> tuple[dict, CaMoEConfig]:
+    """A CaMoE checkpoint and its config. Checkpoints saved before runs recorded their LoRA widths (an
+    empty lora_dims, when the gate formula was another) get the widths their own weights have."""
+    ckpt, cfg = load_checkpoint(path, CaMoEConfig)
+    if not isinstance(ckpt.get("model"), dict):
+        raise ValueError(f"{path}: not a CaMoE checkpoint (no model weights)")
+    weights = ckpt["model"]
+    lora = ["blocks.0.att.w1", "blocks.0.att.a1", "blocks.1.att.v1", "blocks.0.att.g1"]
+    if not cfg.lora_dims and all(k in weights for k in lora[:2] + lora[3:]):
+        cfg = dataclasses.replace(cfg, lora_dims=[weights[k].shape[1] if k in weights else _lora_dim(cfg.n_embd, 1.7)
+                                                  for k in lora])
+    return ckpt, cfg
+
+
+def model_weights(ckpt: dict, cfg: CaMoEConfig) -> dict:
+    """The checkpoint's weights for a model of cfg: a baseline's checkpoint written before the baselines
+    stopped building the market's critic and capital has those entries dropped."""
+    weights = ckpt["model"]
+    if cfg.router != "market":
+        weights = {k: v for k, v in weights.items() if not re.search(r"\.(critic|capital)\.|\.critic_", k)}
+    return weights
+
+
 def resume_config(path: Path, explicit: dict) -> tuple[dict, CaMoEConfig]:
     """The checkpoint and its config with the flags given now applied; flags that would change a weight's
     shape are refused, since the saved weights could not be loaded into that model."""
-    ckpt, saved = load_checkpoint(path, CaMoEConfig)
+    ckpt, saved = read_camoe_checkpoint(path)
     absent = {"model", "optimizer", "step", "rng"} - set(ckpt)
     if absent:
         raise ValueError(f"{path}: not a CaMoE training checkpoint (no {', '.join(sorted(absent))})")
@@ -1437,11 +1466,8 @@ def wrap_model(raw: CaMoE_System, cfg: CaMoEConfig, device: torch.device, is_ddp
 def load_training_state(ckpt: dict, path: Path, raw: CaMoE_System, optimizer, data: TokenData, cfg: CaMoEConfig,
                         rank: int) -> tuple[int, str]:
     """Put a checkpoint's weights, optimizer moments and random streams in place; returns (step, run id)."""
-    weights = ckpt["model"]
-    if cfg.router != "market":  # written before the baselines stopped building the market's critic and capital
-        weights = {k: v for k, v in weights.items() if not re.search(r"\.(critic|capital)\.|\.critic_", k)}
     try:
-        missing, unexpected = raw.load_state_dict(weights, strict=False)
+        missing, unexpected = raw.load_state_dict(model_weights(ckpt, cfg), strict=False)
     except RuntimeError as exc:  # a size mismatch: the weights are not this config's
         raise ValueError(f"{path}: its weights do not fit its config ({str(exc).splitlines()[-1].strip()})") from None
     if unexpected or any(not k.startswith(("blocks.", "deep_embed", "bridge")) for k in missing):
@@ -1483,6 +1509,8 @@ def prepare_run(cfg: CaMoEConfig, resume: bool, explicit: dict, is_ddp: bool, ra
     data, cfg = build_data(cfg, rank, is_ddp, None if saved_vocab is None else saved_vocab.numpy())
     if rank == 0:
         check_memory(cfg, device)
+    # recorded in the checkpoint, so the run's weights load whatever default the formula has later
+    cfg = dataclasses.replace(cfg, lora_dims=cfg.lora_dims or default_lora_dims(cfg.n_embd))
     raw = CaMoE_System(cfg)
     if base is not None:
         report = load_base_weights(raw, base, cfg.init_from)
@@ -1570,17 +1598,15 @@ def load_model(ckpt: str = "", init_from: str = "", router: str = "base", device
             cfg = dataclasses.replace(cfg, num_rwkv_experts=1, num_trans_experts=0, use_deep_embed_attention=False)
         validate_config(cfg)
         model = CaMoE_System(cfg)
-        load_base_weights(model, base, init_from)
+        print("\n".join(load_base_weights(model, base, init_from)), file=sys.stderr)
         return model.to(dev).eval()
-    saved, cfg = load_checkpoint(ckpt, CaMoEConfig)
-    if not isinstance(saved.get("model"), dict):
-        raise ValueError(f"{ckpt}: not a CaMoE checkpoint (no model weights)")
+    saved, cfg = read_camoe_checkpoint(ckpt)
     validate_config(cfg)
     model = CaMoE_System(cfg)
     try:
-        model.load_state_dict(saved["model"])
+        model.load_state_dict(model_weights(saved, cfg))
     except RuntimeError as exc:
-        raise ValueError(f"{ckpt}: its weights do not fit its config ({str(exc).splitlines()[1].strip()})") from None
+        raise ValueError(f"{ckpt}: its weights do not fit its config ({str(exc).strip().splitlines()[-1].strip()})") from None
     return model.to(dev).eval()
 
 
@@ -1592,6 +1618,7 @@ class Vocab:
         ids = model.vocab_ids.tolist() if model.cfg.compact_vocab else None
         self.to_world, self.size = ids, model.cfg.vocab_size
         self.to_model = {w: i for i, w in enumerate(ids)} if ids is not None else None
+        self.eot = 0 if ids is None else self.to_model.get(0)  # end of text; a compact vocabulary may lack it
 
     def encode(self, text: str) -> list[int]:
         ids = self.tok.encode(text)
@@ -1604,14 +1631,6 @@ class Vocab:
             raise ValueError(f"the text has {len(unknown)} token(s) this model's compact vocabulary lacks, such as "
                              f"{self.tok.decode(unknown[:1])!r}")
         return [self.to_model[i] for i in ids]
-
-    def encode_ids(self, world_ids: list[int]) -> list[int]:
-        """World-tokenizer ids as the model's ids."""
-        if self.to_model is None:
-            return world_ids
-        if any(i not in self.to_model for i in world_ids):
-            raise ValueError(f"token ids {world_ids} are not all in this model's compact vocabulary")
-        return [self.to_model[i] for i in world_ids]
 
     def decode(self, ids: list[int]) -> str:
         return self.tok.decode(ids if self.to_world is None else [self.to_world[i] for i in ids])
@@ -1639,10 +1658,12 @@ def penalise_repeats(logits: torch.Tensor, seen: list[int], penalty: float) -> t
 
 
 @torch.no_grad()
-def generate(model: CaMoE_System, prompt: list[int], sampling: Sampling, decode, state: list | None = None) -> dict:
+def generate(model: CaMoE_System, prompt: list[int], sampling: Sampling, decode, state: list | None = None,
+             stop_id: int | None = None) -> dict:
     """Feed the prompt in one parallel pass, then decode token by token with carried state (constant work per
-    token for time mixing, the experts and the bridge; DEA attends to its cache). Returns the new ids, their
-    text (cut at a stop string), and per token and layer whether a transformer expert won it."""
+    token for time mixing, the experts and the bridge; DEA attends to its cache). Stops at stop_id (the
+    end-of-text token) or a stop string. Returns the new ids, their text (cut at a stop string), and per
+    token and layer whether a transformer expert won it."""
     device = next(model.parameters()).device
     state = [] if state is None else state
     gen = torch.Generator(device="cpu").manual_seed(sampling.seed)
@@ -1654,6 +1675,8 @@ def generate(model: CaMoE_System, prompt: list[int], sampling: Sampling, decode,
     for _ in range(sampling.max_new_tokens):
         logits = penalise_repeats(logits.float().cpu(), prompt + ids, sampling.repetition_penalty)
         token = int(sample_next(logits, sampling.temperature, sampling.top_k, sampling.top_p, gen))
+        if token == stop_id:
+            break
         ids.append(token)
         logits, _, infos = model(torch.tensor([[token]], device=device), state=state)
         logits = logits[0, -1]
@@ -1711,7 +1734,10 @@ def run_generate(argv: list[str], chat: bool) -> None:
     vocab = Vocab(model)
     color = sys.stdout.isatty()
     if not chat:
-        result = generate(model, vocab.encode(args.prompt), sampling, vocab.decode)
+        prompt = vocab.encode(args.prompt) or ([vocab.eot] if vocab.eot is not None else [])
+        if not prompt:
+            raise ValueError("--prompt is empty and this model has no end-of-text token to start from")
+        result = generate(model, prompt, sampling, vocab.decode, stop_id=vocab.eot)
         print(args.prompt + result["text"])
         if not args.no_routing:
             print(routing_view([vocab.decode([i]) for i in result["ids"]], result["routes"], color))
@@ -1733,7 +1759,7 @@ def run_generate(argv: list[str], chat: bool) -> None:
         except ValueError as exc:  # one bad message does not end the conversation
             print(f"camoe: {exc}")
             continue
-        result = generate(model, turn, sampling, vocab.decode, state=state)
+        result = generate(model, turn, sampling, vocab.decode, state=state, stop_id=vocab.eot)
         print("Assistant:" + result["text"] + f"\n[{len(result['ids'])} tokens, {result['tokens_per_s']:.1f}/s]")
         if not args.no_routing:
             print(routing_view([vocab.decode([i]) for i in result["ids"]], result["routes"], color).splitlines()[-1])
@@ -1750,28 +1776,34 @@ class CaMoEScorer:
     scored with its whole history; an empty context is scored from the end-of-text token (id 0).
     harness_model() turns this into the registered lm_eval model class `camoe`."""
 
-    def __init__(self, ckpt: str = "", init_from: str = "", router: str = "base", device: str = "auto"):
+    def __init__(self, ckpt: str = "", init_from: str = "", router: str = "base", device: str = "auto",
+                 **harness_args):  # lm_eval's own CLI adds batch_size and max_batch_size: one sequence at a time here
         super().__init__()
         self.model = load_model(ckpt, init_from, router, device)
         self.vocab = Vocab(self.model)
-        self.eot = self.vocab.encode_ids([0])[0]
+        if self.vocab.eot is None:
+            raise ValueError("this model's compact vocabulary has no end-of-text token to score texts from")
+        self.eot = self.vocab.eot
         self.window = self.model.cfg.ctx_len
 
     @torch.no_grad()
     def token_logprobs(self, ids: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
         """log p(ids[i] | ids[:i]) for i >= 1, and whether each was the greedy choice: (len - 1,) each."""
         device = next(self.model.parameters()).device
-        state, logprobs, greedy = [], [], []
+        state, logprobs, greedy = [], [torch.zeros(0)], [torch.zeros(0, dtype=torch.bool)]
         for start in range(0, len(ids) - 1, self.window):
             chunk = torch.tensor([ids[start:start + self.window]], device=device)
             targets = torch.tensor(ids[start + 1:start + 1 + chunk.shape[1]], device=device)
             logits = self.model(chunk, state=state)[0][0, :len(targets)].float().log_softmax(-1)  # (L, V)
             logprobs.append(logits.gather(1, targets[:, None]).squeeze(1))
             greedy.append(logits.argmax(-1) == targets)
-        return torch.cat(logprobs).cpu(), torch.cat(greedy).cpu()
+        return torch.cat([t.cpu() for t in logprobs]), torch.cat([t.cpu() for t in greedy])
 
     def _split(self, context: str, continuation: str) -> tuple[list[int], list[int]]:
-        """Token ids of context and continuation, cut where the context's own tokens end when they agree."""
+        """Token ids of context and continuation, cut where the context's own tokens end when they agree. As in
+        lm-eval's own models, the context's trailing spaces go with the continuation (" yes", not " " "yes")."""
+        stripped = context.rstrip(" ")
+        context, continuation = stripped, context[len(stripped):] + continuation
         whole, ctx = self.vocab.encode(context + continuation), self.vocab.encode(context)
         cont = whole[len(ctx):] if whole[:len(ctx)] == ctx and len(whole) > len(ctx) else self.vocab.encode(continuation)
         return [self.eot] + ctx, cont  # end-of-text first: an empty context is scored from it
@@ -1781,7 +1813,8 @@ class CaMoEScorer:
         for request in requests:
             ctx, cont = self._split(*request.args)
             logprobs, greedy = self.token_logprobs(ctx + cont)
-            out.append((float(logprobs[-len(cont):].sum()), bool(greedy[-len(cont):].all())))
+            n = len(cont)  # an empty continuation has probability 1
+            out.append((float(logprobs[len(logprobs) - n:].sum()), bool(greedy[len(greedy) - n:].all())))
         return out
 
     def loglikelihood_rolling(self, requests) -> list[float]:
@@ -1794,8 +1827,10 @@ class CaMoEScorer:
             until = kwargs.get("until", [])
             sampling = Sampling(max_new_tokens=int(kwargs.get("max_gen_toks", 256)),
                                 temperature=float(kwargs.get("temperature", 0.0)) if kwargs.get("do_sample") else 0.0,
+                                top_p=float(kwargs.get("top_p", 1.0)), top_k=int(kwargs.get("top_k", 0)),
                                 stop=[until] if isinstance(until, str) else list(until))
-            out.append(generate(self.model, [self.eot] + self.vocab.encode(context), sampling, self.vocab.decode)["text"])
+            out.append(generate(self.model, [self.eot] + self.vocab.encode(context), sampling, self.vocab.decode,
+                                stop_id=self.eot)["text"])
         return out
 
 

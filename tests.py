@@ -16,6 +16,7 @@ import sys
 import threading
 import time
 import tracemalloc
+import types
 import uuid
 
 import numpy as np
@@ -1074,7 +1075,8 @@ def test_camoe_init_from_reports_every_tensor_and_refuses_bad_files(tmp_path, ca
     model = camoe.CaMoE_System(dataclasses.replace(cfg, trans_heads=4))
     report = "\n".join(camoe.load_base_weights(model, base, "f"))
     assert "the 3 RWKV experts of each layer start as copies of its FFN" in report
-    assert "not used (DeepEmbed FFN gating): blocks.*.ffn.s0, blocks.*.ffn.s1, blocks.*.ffn.s_emb.weight" in report
+    assert ("not used (DeepEmbed FFN gating, not implemented here: the model is not this base model): "
+            "blocks.*.ffn.s0, blocks.*.ffn.s1, blocks.*.ffn.s_emb.weight") in report
     assert "not used (layer 0's value-residual mix" in report and "new, from their initial values:" in report
     for e in range(3):
         assert torch.equal(model.blocks[2].experts[e].key.weight, base["blocks.2.ffn.key.weight"])
@@ -1102,6 +1104,26 @@ def test_camoe_init_from_reports_every_tensor_and_refuses_bad_files(tmp_path, ca
                                                                "--trans-heads", "4")
 
 
+def test_camoe_checkpoints_from_before_lora_widths_were_recorded_still_load(tmp_path):
+    """A run records its LoRA widths; a checkpoint from before (lora_dims empty, and the old gate formula's
+    width 128 at this size) gets the widths of its own weights, for generation and for resume."""
+    run = tmp_path / "run"
+    camoe.main(_camoe_args(tmp_path, "--out-dir", str(run), "--max-steps", "2"))
+    ckpt = torch.load(run / "ckpt.pt", weights_only=True)
+    assert ckpt["config"]["lora_dims"] == camoe.default_lora_dims(32)
+    ckpt["config"]["lora_dims"] = []
+    for name in list(ckpt["model"]):
+        if name.endswith("att.g1"):
+            ckpt["model"][name] = torch.randn(32, 128)
+        elif name.endswith("att.g2"):
+            ckpt["model"][name] = torch.randn(128, 32)
+    del ckpt["optimizer_names"]
+    torch.save(ckpt, run / "ckpt.pt")
+    assert camoe.load_model(str(run / "ckpt.pt")).blocks[1].att.g1.shape == (32, 128)
+    camoe.main(_camoe_args(tmp_path, "--out-dir", str(run), "--max-steps", "3", "--resume"))
+    assert len(_camoe_losses(run)) == 3
+
+
 def test_camoe_generate_and_chat_show_routing_and_speed(tmp_path, capsys, monkeypatch):
     rng = random.Random(0)
     words = "market capital expert token price bid tax floor critic router bridge state".split()
@@ -1118,6 +1140,8 @@ def test_camoe_generate_and_chat_show_routing_and_speed(tmp_path, capsys, monkey
     assert len(rows) == 6  # a row per generated token, a letter per layer
     assert re.search(r"share of tokens to transformer experts per layer: [0-9.]+ [0-9.]+", text)
     assert re.search(r"6 tokens, [0-9.]+ tokens/s", text)
+    camoe.main(["generate", "--ckpt", str(out / "ckpt.pt"), "--prompt", "", "--max-new-tokens", "3"])
+    assert re.search(r"\d tokens, [0-9.]+ tokens/s", capsys.readouterr().out)  # an empty prompt starts at end of text
     with pytest.raises(SystemExit) as exc:
         camoe.main(["generate", "--ckpt", str(out / "ckpt.pt"), "--prompt", "\u4e2d\u6587 only", "--max-new-tokens", "2"])
     assert "compact vocabulary lacks" in str(exc.value)
@@ -1129,6 +1153,9 @@ def test_camoe_generate_and_chat_show_routing_and_speed(tmp_path, capsys, monkey
         ids = vocab.encode("User: market") + greedy["ids"]
         logits = model(torch.tensor([ids]))[0][0]
     assert greedy["ids"] == logits[len(ids) - 9:-1].argmax(-1).tolist()
+    first = camoe.generate(model, vocab.encode("User: market"), camoe.Sampling(max_new_tokens=8, temperature=0),
+                           vocab.decode, stop_id=greedy["ids"][0])
+    assert first["ids"] == [] and first["text"] == ""  # the stop id (end of text in the CLI) ends generation
     stop = vocab.decode(greedy["ids"][2:4])
     cut = camoe.generate(model, vocab.encode("User: market"), camoe.Sampling(max_new_tokens=8, temperature=0, stop=[stop]),
                          vocab.decode)
@@ -1193,7 +1220,7 @@ def test_camoe_lm_eval_end_to_end_on_local_tasks(tmp_path, monkeypatch):
             logp = model(torch.tensor([ids[:-1]]))[0][0].log_softmax(-1)
         return logp.gather(1, torch.tensor(ids[1:])[:, None]).squeeze(1)
 
-    eot = vocab.encode_ids([0])[0]
+    eot = vocab.eot
     for sample in results["samples"]["camoe_ll"]:
         doc = sample["doc"]
         ctx, cont = vocab.encode(doc["context"]), vocab.encode(doc["target"])
@@ -1205,6 +1232,12 @@ def test_camoe_lm_eval_end_to_end_on_local_tasks(tmp_path, monkeypatch):
         expected = float(direct(ids).sum())  # every token scored once, with its whole history
         assert abs(sample["resps"][0][0] - expected) < 1e-4 * abs(expected)
     assert all(isinstance(s["resps"][0][0], str) for s in results["samples"]["camoe_gen"])
+
+    scorer = camoe.CaMoEScorer(ckpt=str(out / "ckpt.pt"), batch_size=1, max_batch_size=None)  # lm_eval CLI's keywords
+    ask = lambda *args: types.SimpleNamespace(args=args)
+    assert scorer.loglikelihood([ask("market price", "")]) == [(0.0, True)]  # an empty continuation is certain
+    assert scorer.loglikelihood_rolling([ask("")]) == [0.0]
+    assert scorer.loglikelihood([ask("market ", "price")]) == scorer.loglikelihood([ask("market", " price")])
 
 
 def _camoe_args(tmp_path, *extra):
