@@ -217,6 +217,15 @@ def default_lora_dims(C: int) -> list[int]:
     return [_lora_dim(C, 2.5), _lora_dim(C, 2.5), _lora_dim(C, 1.7), _lora_dim(C, 0.6, 0.8)]
 
 
+def lora_dims_of(weights: dict[str, torch.Tensor], C: int) -> list[int] | None:
+    """The LoRA widths that saved time-mixing weights have (None without them); the value-residual width is
+    layer 1's (layer 0 has none), the formula's for a one-layer model."""
+    keys = ["blocks.0.att.w1", "blocks.0.att.a1", "blocks.1.att.v1", "blocks.0.att.g1"]
+    if not all(k in weights for k in keys[:2] + keys[3:]):
+        return None
+    return [weights[k].shape[1] if k in weights else default_lora_dims(C)[2] for k in keys]
+
+
 class RWKV7_TimeMix(nn.Module):
     """RWKV-7 time mixing, parameter for parameter as RWKV-LM's v7 and the `rwkv` package's RWKV_x070.
 
@@ -929,12 +938,10 @@ def read_rwkv7(path: str) -> tuple[dict[str, torch.Tensor], dict]:
     H, N = sd["blocks.0.att.r_k"].shape
     hidden = sd["blocks.0.ffn.key.weight"].shape[0]
     n_layer = 1 + max(int(k.split(".")[1]) for k in sd if k.startswith("blocks."))
-    v_lora = sd["blocks.1.att.v1"].shape[1] if "blocks.1.att.v1" in sd else _lora_dim(C, 1.7)
     if H * N != C or hidden % C:
         raise ValueError(f"{path}: inconsistent RWKV-7 shapes (heads {H} x {N} for width {C}, FFN {hidden})")
     shape = dict(n_layer=n_layer, n_embd=C, head_size=N, vocab_size=vocab, ffn_mult=hidden // C,
-                 lora_dims=[sd["blocks.0.att.w1"].shape[1], sd["blocks.0.att.a1"].shape[1], v_lora,
-                            sd["blocks.0.att.g1"].shape[1]])
+                 lora_dims=lora_dims_of(sd, C))
     return sd, shape
 
 
@@ -1377,10 +1384,8 @@ def read_camoe_checkpoint(path) -> tuple[dict, CaMoEConfig]:
     if not isinstance(ckpt.get("model"), dict):
         raise ValueError(f"{path}: not a CaMoE checkpoint (no model weights)")
     weights = ckpt["model"]
-    lora = ["blocks.0.att.w1", "blocks.0.att.a1", "blocks.1.att.v1", "blocks.0.att.g1"]
-    if not cfg.lora_dims and all(k in weights for k in lora[:2] + lora[3:]):
-        cfg = dataclasses.replace(cfg, lora_dims=[weights[k].shape[1] if k in weights else _lora_dim(cfg.n_embd, 1.7)
-                                                  for k in lora])
+    if not cfg.lora_dims and lora_dims_of(weights, cfg.n_embd):
+        cfg = dataclasses.replace(cfg, lora_dims=lora_dims_of(weights, cfg.n_embd))
     return ckpt, cfg
 
 
@@ -1681,11 +1686,14 @@ def generate(model: CaMoE_System, prompt: list[int], sampling: Sampling, decode,
         logits, _, infos = model(torch.tensor([[token]], device=device), state=state)
         logits = logits[0, -1]
         routes.append([bool((info["winners"] >= R).any()) if info else False for info in infos])
+        if sampling.stop:  # only stop strings need the text while decoding
+            text = decode(ids)
+            cut = min((text.find(s) for s in sampling.stop if s in text), default=-1)
+            if cut >= 0:
+                text = text[:cut]
+                break
+    if not sampling.stop:
         text = decode(ids)
-        cut = min((text.find(s) for s in sampling.stop if s in text), default=-1)
-        if cut >= 0:
-            text = text[:cut]
-            break
     seconds = time.perf_counter() - t0
     return dict(ids=ids, text=text, routes=routes, tokens_per_s=len(ids) / max(seconds, 1e-9))
 
@@ -1705,20 +1713,25 @@ def routing_view(pieces: list[str], routes: list[list[bool]], color: bool) -> st
     return "\n".join(lines)
 
 
+def add_model_flags(parser: argparse.ArgumentParser) -> None:
+    """The model an inference command runs: a CaMoE checkpoint or an RWKV-7 base file, and the device."""
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--ckpt", default="", help="a CaMoE checkpoint (out_dir/ckpt.pt)")
+    source.add_argument("--init-from", default="", help="an RWKV-7 .pth base model instead (RWKV-LM's format)")
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+
+
 def run_generate(argv: list[str], chat: bool) -> None:
     """python camoe.py generate|chat: see --help."""
     parser = argparse.ArgumentParser(prog=f"camoe.py {'chat' if chat else 'generate'}",
                                      description="Chat with a CaMoE model" if chat else "Generate text with a "
                                      "CaMoE model in RNN mode and show which experts served each token")
-    source = parser.add_mutually_exclusive_group(required=True)
-    source.add_argument("--ckpt", default="", help="a CaMoE checkpoint (out_dir/ckpt.pt)")
-    source.add_argument("--init-from", default="", help="an RWKV-7 .pth base model instead (RWKV-LM's format)")
+    add_model_flags(parser)
     parser.add_argument("--router", default="base", choices=["base", "market", "softmax"],
                         help="with --init-from: base (the plain RWKV-7 model) or a fresh router (default base)")
     if not chat:
         parser.add_argument("--prompt", required=True, help="the text to continue")
     parser.add_argument("--no-routing", action="store_true", help="do not print the routing view")
-    parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     for f in dataclasses.fields(Sampling):
         default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
         kind = dict(nargs="+", type=str) if isinstance(default, list) else dict(type=type(default))
@@ -1846,15 +1859,12 @@ def run_lm_eval(argv: list[str]) -> dict:
     """python camoe.py lm-eval: see --help."""
     parser = argparse.ArgumentParser(prog="camoe.py lm-eval", description="Score a CaMoE checkpoint with "
                                      "lm-evaluation-harness (lm_eval.simple_evaluate), as the model `camoe`")
-    source = parser.add_mutually_exclusive_group(required=True)
-    source.add_argument("--ckpt", default="", help="a CaMoE checkpoint (out_dir/ckpt.pt)")
-    source.add_argument("--init-from", default="", help="an RWKV-7 .pth base model instead (RWKV-LM's format)")
+    add_model_flags(parser)
     parser.add_argument("--tasks", required=True, help="comma-separated task names")
     parser.add_argument("--include-path", default=None, help="a folder of extra task YAML files")
     parser.add_argument("--num-fewshot", type=int, default=None, help="few-shot examples (default: the task's)")
     parser.add_argument("--limit", type=float, default=None, help="documents per task (or a fraction)")
     parser.add_argument("--output", default="", help="write the results as JSON here")
-    parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     args = parser.parse_args(argv)
     try:
         import lm_eval
