@@ -8,6 +8,7 @@ import dataclasses
 import io
 import json
 import math
+import queue
 import random
 import re
 import signal
@@ -15,7 +16,6 @@ import subprocess
 import sys
 import threading
 import time
-import tracemalloc
 import types
 import uuid
 
@@ -1538,24 +1538,16 @@ def test_tiny_tokenizer_unicode_and_vocab_file():
             tiny.DynamicTokenizer.from_json(bad)
 
 
-def test_tiny_teach_sentence_then_greedy_gen_completes_it(tmp_path):
-    learner = tiny.OnlineLearner(_tiny_config(), tmp_path / "data")
-    sentence = "the quick brown fox jumps over the lazy dog"
-    losses = [learner.learn_line(sentence) for _ in range(5)]
-    assert losses[-1] < losses[0]
-    assert learner.generate("the quick", temperature=0.0) == sentence
-    assert learner.generate("the quick", temperature=0.0, use_cache=False) == sentence
-
-
 def test_tiny_train_command_appends_a_whole_file_then_trains(tmp_path):
     learner = tiny.OnlineLearner(_tiny_config(steps=3), tmp_path / "data")
     book = tmp_path / "book.txt"
     book.write_text("".join(f"line {i}: día ☀\n" for i in range(300)) + "no newline at the end", encoding="utf-8")
-    loss = learner.learn_file(book)
+    result = learner.learn_file(book)
     history = (tmp_path / "data" / "training_data.bin").read_text(encoding="utf-8")
     assert history == book.read_text(encoding="utf-8") + "\n"
-    assert set(history) <= set(learner.tokenizer.chars) and math.isfinite(loss)
-    assert learner.step == math.ceil(len(history) / (8 * 64)) > 3  # about one pass over the file
+    assert set(history) <= set(learner.state.tokenizer.chars) and math.isfinite(result.loss)
+    assert result.steps == result.planned == learner.state.step and not result.stopped
+    assert learner.state.step == math.ceil(len(history) / (8 * 64)) > 3  # about one pass over the file
     (tmp_path / "blob").write_bytes(b"\xff\xfe\x00\x01" * 100)
     with pytest.raises(ValueError, match="binary"):
         learner.learn_file(tmp_path / "blob")
@@ -1565,26 +1557,26 @@ def test_tiny_train_command_appends_a_whole_file_then_trains(tmp_path):
 def test_tiny_vocab_growth_keeps_known_logits_and_keeps_training_embedding(tmp_path):
     learner = tiny.OnlineLearner(_tiny_config(), tmp_path / "data")
     learner.learn_line("abc abc cab")
-    emb = learner.model.tok_emb.weight
-    old_vocab = learner.model.vocab_size
-    probe = torch.tensor([learner.tokenizer.encode("abc ab")])
+    emb = learner.state.model.tok_emb.weight
+    old_vocab = learner.state.model.vocab_size
+    probe = torch.tensor([learner.state.tokenizer.encode("abc ab")])
     with torch.no_grad():
-        old_logits = learner.model(probe)[0]
-        old_ema_logits = learner.ema.model(probe)[0]
-    old_moment = learner.optimizer.state[emb]["exp_avg"].clone()
+        old_logits = learner.state.model(probe)[0]
+        old_ema_logits = learner.state.ema.model(probe)[0]
+    old_moment = learner.state.optimizer.state[emb]["exp_avg"].clone()
 
     assert learner.add_text("xyz 你好😀") == list("xyz你好😀")
-    new_vocab = len(learner.tokenizer)
+    new_vocab = len(learner.state.tokenizer)
     with torch.no_grad():
-        new_logits = learner.model(probe)[0]
-        new_ema_logits = learner.ema.model(probe)[0]
+        new_logits = learner.state.model(probe)[0]
+        new_ema_logits = learner.state.ema.model(probe)[0]
     assert new_logits.shape[-1] == new_vocab == old_vocab + 6
     torch.testing.assert_close(new_logits[..., :old_vocab], old_logits, rtol=0, atol=1e-5)
     torch.testing.assert_close(new_ema_logits[..., :old_vocab], old_ema_logits, rtol=0, atol=1e-5)
     # same Parameter object, still tied, still in the optimizer, Adam moments padded with zero rows
-    assert learner.model.tok_emb.weight is emb and learner.model.lm_head.weight is emb
-    assert any(p is emb for group in learner.optimizer.param_groups for p in group["params"])
-    moment = learner.optimizer.state[emb]["exp_avg"]
+    assert learner.state.model.tok_emb.weight is emb and learner.state.model.lm_head.weight is emb
+    assert any(p is emb for group in learner.state.optimizer.param_groups for p in group["params"])
+    moment = learner.state.optimizer.state[emb]["exp_avg"]
     assert moment.shape == emb.shape
     assert torch.equal(moment[:old_vocab], old_moment) and not moment[old_vocab:].any()
     # new rows start near the mean of the known characters' rows
@@ -1595,7 +1587,7 @@ def test_tiny_vocab_growth_keeps_known_logits_and_keeps_training_embedding(tmp_p
     learner.learn_line("xyz 你好😀 abc")
     assert not torch.equal(emb[:old_vocab], before[:old_vocab]), "embedding of known tokens no longer trains"
     assert not torch.equal(emb[old_vocab:], before[old_vocab:]), "embedding of new tokens does not train"
-    assert learner.ema.model.vocab_size == new_vocab
+    assert learner.state.ema.model.vocab_size == new_vocab
 
 
 def test_tiny_kv_cache_generation_matches_full_recompute():
@@ -1671,7 +1663,7 @@ def test_tiny_pulse_batches_hold_the_newest_line_and_windows_cover_the_end(tmp_p
     for _ in range(3):  # every training batch learns the line just typed
         assert newest in tok.decode(replay.sample_batch(tok, 4, 65, gen)[0].tolist())
     # the other windows: the end of the history is covered at least as often as its middle
-    windows = [replay.sample_window(64, False, gen) for _ in range(3000)]
+    windows = [tok.decode(row.tolist()) for _ in range(50) for row in replay.sample_batch(tok, 61, 64, gen)[1:]]
     at_end = sum("the newest line" in w for w in windows)
     in_middle = sum("line 100 of the" in w for w in windows)
     assert in_middle >= 10 and at_end >= in_middle, (at_end, in_middle)
@@ -1679,31 +1671,43 @@ def test_tiny_pulse_batches_hold_the_newest_line_and_windows_cover_the_end(tmp_p
     replay.close()
 
 
-def test_tiny_replay_reads_bounded_memory_on_a_200mb_history(tmp_path):
+_REPLAY_RSS_SCRIPT = """
+import json, sys, torch
+sys.path.insert(0, sys.argv[2])
+import tiny_llm_demo as tiny
+torch.set_num_threads(1)
+def peak_rss_mb():
+    status = open("/proc/self/status").read()
+    return int(status.split("VmHWM:")[1].split()[0]) / 1024
+tok = tiny.DynamicTokenizer("alphbetgmdsiozn \\n\\0")
+gen = torch.Generator().manual_seed(0)
+before = peak_rss_mb()
+replay = tiny.PersistentReplayText(sys.argv[1])
+windows = [tok.decode(row.tolist()) for _ in range(20) for row in replay.sample_batch(tok, 16, 257, gen)]
+print(json.dumps({"grew_mb": peak_rss_mb() - before, "cached": len(replay.recent), "lengths": sorted({len(w) for w in windows}),
+                  "old": sum("alpha" in w for w in windows), "new": sum("delta" in w for w in windows)}))
+"""
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="reads the peak RSS from /proc")
+def test_tiny_replay_memory_stays_bounded_on_a_200mb_history(tmp_path):
+    """Peak resident memory of a process sampling 320 windows from a 200 MB history. The file is sparse (1 MB of
+    text every 10 MB, holes between), so the test writes 20 MB, not 200."""
     path = tmp_path / "training_data.bin"
     old_block = ("alpha beta gamma\n" * 70_000).encode()[: 1 << 20]
     new_block = ("delta epsilon zeta\n" * 60_000).encode()[: 1 << 20]
     with open(path, "wb") as f:
-        for block in [old_block] * 100 + [new_block] * 100:
-            f.write(block)
-    size = os.path.getsize(path)
-    assert size >= 200 * 2**20
-    tok = tiny.DynamicTokenizer("alphbetgmdsiozn \n")
-    gen = torch.Generator().manual_seed(0)
-    tracemalloc.start()
-    try:
-        replay = tiny.PersistentReplayText(path)
-        windows = [tok.decode(row.tolist()) for _ in range(20) for row in replay.sample_batch(tok, 16, 257, gen)]
-        _, peak = tracemalloc.get_traced_memory()
-    finally:
-        tracemalloc.stop()
-    assert peak < 8 * 2**20, f"sampling a {size >> 20} MB history allocated {peak >> 20} MB"
-    assert len(replay.recent) <= tiny.RECENT_CACHE_BYTES
-    assert all(len(w) == 257 for w in windows)
-    assert any("alpha" in w for w in windows), "the old half of the history is never sampled"
-    assert any("delta" in w for w in windows)
-    replay.close()
-    path.unlink()
+        for i in range(20):
+            f.seek(i * 10 * 2**20)
+            f.write(old_block if i < 10 else new_block)
+        f.truncate(200 * 2**20)
+    out = subprocess.run([sys.executable, "-c", _REPLAY_RSS_SCRIPT, str(path), HERE], capture_output=True, text=True,
+                         timeout=120, env=_TINY_ENV)
+    assert out.returncode == 0, out.stderr
+    seen = json.loads(out.stdout)
+    assert seen["grew_mb"] < 30, f"sampling a 200 MB history raised the peak RSS by {seen['grew_mb']:.0f} MB"
+    assert seen["cached"] <= tiny.RECENT_CACHE_BYTES and seen["lengths"] == [257]
+    assert seen["old"] > 0 and seen["new"] > 0, seen  # both halves of the history are sampled
 
 
 def test_tiny_save_load_resumes_exactly_and_rejects_bad_checkpoints(tmp_path):
@@ -1713,21 +1717,21 @@ def test_tiny_save_load_resumes_exactly_and_rejects_bad_checkpoints(tmp_path):
         a.learn_line(line)
     ckpt = a.save(tmp_path / "a.pt")
     gen_a = a.generate("he")
-    a.train_pulse(5)
+    a.pulse(5)
 
     b = tiny.OnlineLearner(_tiny_config(d_model=32, seed=5), tmp_path / "data")
     b.load(ckpt)
-    assert b.tokenizer.itos == a.tokenizer.itos and b.config == config and b.step == a.step - 5
+    assert b.state.tokenizer.itos == a.state.tokenizer.itos and b.config == config and b.state.step == a.state.step - 5
     assert b.generate("he") == gen_a  # generation RNG state restored
-    b.train_pulse(5)  # batch RNG, optimizer moments and LR schedule restored: identical training
-    for (name, pa), pb in zip(a.model.named_parameters(), b.model.parameters()):
+    b.pulse(5)  # batch RNG, optimizer moments and LR schedule restored: identical training
+    for (name, pa), pb in zip(a.state.model.named_parameters(), b.state.model.parameters()):
         torch.testing.assert_close(pa, pb, rtol=0, atol=1e-6, msg=name)
-    state_a = a.optimizer.state[a.model.tok_emb.weight]
-    state_b = b.optimizer.state[b.model.tok_emb.weight]
+    state_a = a.state.optimizer.state[a.state.model.tok_emb.weight]
+    state_b = b.state.optimizer.state[b.state.model.tok_emb.weight]
     torch.testing.assert_close(state_a["exp_avg_sq"], state_b["exp_avg_sq"], rtol=0, atol=1e-9)
 
     # corrupt or foreign files: one ValueError, current model untouched
-    before = {k: v.clone() for k, v in b.model.state_dict().items()}
+    before = {k: v.clone() for k, v in b.state.model.state_dict().items()}
     (tmp_path / "junk.pt").write_bytes(b"\x00garbage" * 100)
     torch.save({"config": {"hidden": 3}, "weights": torch.zeros(2)}, tmp_path / "foreign.pt")
     bad_shape = torch.load(ckpt, weights_only=True)
@@ -1738,23 +1742,23 @@ def test_tiny_save_load_resumes_exactly_and_rejects_bad_checkpoints(tmp_path):
             b.load(tmp_path / name)
     with pytest.raises(FileNotFoundError):
         b.load(tmp_path / "missing.pt")
-    assert all(torch.equal(before[k], v) for k, v in b.model.state_dict().items())
+    assert all(torch.equal(before[k], v) for k, v in b.state.model.state_dict().items())
 
 
 def test_tiny_training_autosaves_every_n_steps(tmp_path):
     a = tiny.OnlineLearner(_tiny_config(steps=7, autosave_every=3), tmp_path / "data")
     a.learn_line("hello there")                                    # steps 1..7: autosaves at 3 and 6
-    assert a.step == 7 and a.saved_step == 6
+    assert a.state.step == 7 and a.saved_step == 6
     b = tiny.OnlineLearner(_tiny_config(), tmp_path / "data")      # what a restart after a SIGKILL finds
     b.load()
-    assert b.step == 6
+    assert b.state.step == 6
     a.save(tmp_path / "copy.pt")                                   # a copy elsewhere is not the autosave
     assert a.saved_step == 6
-    a.train_pulse(2)                                               # step 9: 3 past the last autosave
-    assert a.saved_step == 9 and torch.load(a.checkpoint_path, weights_only=True)["step"] == 9
+    a.pulse(2)                                               # step 9: 3 past the last autosave
+    assert a.saved_step == 9 and torch.load(a.store.checkpoint_path, weights_only=True)["step"] == 9
     off = tiny.OnlineLearner(_tiny_config(steps=7, autosave_every=0), tmp_path / "off")
     off.learn_line("hello there")
-    assert not off.checkpoint_path.exists()
+    assert not off.store.checkpoint_path.exists()
 
 
 def test_tiny_damaged_checkpoint_falls_back_to_the_previous_one_and_stale_temps_go(tmp_path):
@@ -1770,13 +1774,15 @@ def test_tiny_damaged_checkpoint_falls_back_to_the_previous_one_and_stale_temps_
     out = _tiny_run(data, "/stats\n")
     assert out.returncode == 0, out.stderr
     assert "removed 1 temp file(s) (1.0 MB) left by an interrupted save" in out.stdout and not stale.exists()
-    assert re.search(r"error: .*moved it to model_checkpoint\.pt\.corrupt-", out.stdout), out.stdout
+    assert re.search(r"error: .*; kept it as model_checkpoint\.pt\.corrupt-", out.stdout), out.stdout
     assert f"resumed {prev} (step {steps[0]}," in out.stdout
     for p in (ckpt, prev):
         if p.exists():
             p.write_bytes(b"junk")
-    out = _tiny_run(data, "/stats\n")
-    assert "no readable checkpoint left: started a new model" in out.stdout, out.stdout
+    out = _tiny_run(data, "/stats\n", args=["--recover-steps", "7"])
+    # neither loads: a new model is trained on the history's 2 lines, at most 7 steps (a pulse per line: 10)
+    assert re.search(r"no readable checkpoint: training a new model on the 29-byte history for 7 steps", out.stdout)
+    assert re.search(r"^done: step 7, loss \d", out.stdout, re.M) and _tiny_stat(out.stdout, "training") == 7
     assert len(list(data.glob("*.corrupt-*"))) >= 2
 
 
@@ -1804,11 +1810,11 @@ def test_tiny_checkpoint_with_a_different_vocabulary_loads(tmp_path):
     b = tiny.OnlineLearner(_tiny_config(), tmp_path / "b")
     b.learn_line("Ünïcödé 你好 only here")
     b.load(ckpt)
-    assert b.tokenizer.itos[: len(a.tokenizer)] == a.tokenizer.itos  # the vocabulary came with the checkpoint
-    assert set("Ü你好") <= set(b.tokenizer.chars)  # b's own history stays encodable
+    assert b.state.tokenizer.itos[: len(a.state.tokenizer)] == a.state.tokenizer.itos  # the vocabulary came with the checkpoint
+    assert set("Ü你好") <= set(b.state.tokenizer.chars)  # b's own history stays encodable
     assert b.generate("the c", temperature=0.0) == a.generate("the c", temperature=0.0) == "the cat sat on the mat"
     saved = tiny.DynamicTokenizer.from_json((tmp_path / "b" / "dynamic_vocab.json").read_bytes())
-    assert saved.itos == b.tokenizer.itos
+    assert saved.itos == b.state.tokenizer.itos
 
 
 def test_tiny_repl_bad_input_eof_autosave_and_restart(tmp_path):
@@ -1862,79 +1868,251 @@ def test_tiny_load_txt_flag(tmp_path):
     assert (data / "training_data.bin").read_text() == "ab\ncd\n"
 
 
-@pytest.mark.parametrize("flags", [["--n-head", "3"], ["--top-p", "0"], ["--device", "tpu"], ["--steps", "x"],
-                                   ["--threads", "-1"], ["--frobnicate"]])
-def test_tiny_bad_flags_give_one_error_line(flags, tmp_path, capsys):
+@pytest.mark.parametrize("flags, message", [
+    (["--n-head", "3"], "d_model / n_head must be an even integer, got 256 / 3"),
+    (["--top-p", "0"], "top_p must be in (0, 1], got 0.0"),
+    (["--device", "tpu"], "unknown device 'tpu': expected 'auto', 'cpu', 'cuda' or 'cuda:N'"),
+    (["--steps", "x"], "argument --steps: invalid int value: 'x'"),
+    (["--threads", "-1"], "--threads must be >= 0, got -1"),
+    (["--batch-size", "0"], "batch_size must be >= 1, got 0"),
+    (["--recover-steps", "-2"], "recover_steps must be >= 0, got -2"),
+    (["--warmup-steps", "1000"], "warmup_steps (1000) must be < lr_cycle_steps (1000)"),
+    (["--frobnicate"], "unrecognized arguments: --frobnicate")])
+def test_tiny_bad_flags_give_their_own_error_line(flags, message, tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
         tiny.main(["--data-dir", str(tmp_path / "data"), *flags])
     assert exit_info.value.code == 2
-    assert ": error: " in capsys.readouterr().err.strip().splitlines()[-1]
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].endswith(f": error: {message}"), err[-1]
     assert not (tmp_path / "data").exists()
 
 
-def _tiny_start_long_pulse(data, lines):
-    """Start the demo, enter lines (the last one starts a pulse of 100000 steps); return the process
-    once that line is on disk, i.e. while its pulse runs."""
-    proc = subprocess.Popen([sys.executable, os.path.join(HERE, "tiny_llm_demo.py"), "--data-dir", str(data),
-                             "--device", "cpu", *TINY_FLAGS], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, encoding="utf-8", env=_TINY_ENV)
-    proc.stdin.write("\n".join([*lines[:-1], "/steps=100000", lines[-1]]) + "\n")
-    proc.stdin.flush()
-    deadline = time.time() + 60
-    while time.time() < deadline:
-        path = data / "training_data.bin"
-        if path.exists() and lines[-1].encode() in path.read_bytes():
-            break
-        time.sleep(0.1)
-    time.sleep(1.0)
-    assert proc.poll() is None, proc.communicate()
-    return proc
+class _TinySession:
+    """The demo as a running process: lines are fed one at a time and its output read as it comes."""
+
+    def __init__(self, data, *flags, defaults=TINY_FLAGS):
+        self.proc = subprocess.Popen([sys.executable, os.path.join(HERE, "tiny_llm_demo.py"), "--data-dir", str(data),
+                                      "--device", "cpu", *defaults, *flags], stdin=subprocess.PIPE,
+                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, encoding="utf-8",
+                                     env={**_TINY_ENV, "PYTHONUNBUFFERED": "1"})
+        self.lines, self.seen = queue.Queue(), []
+        self.reader = threading.Thread(target=lambda: [self.lines.put(line.rstrip("\n")) for line in self.proc.stdout],
+                                       daemon=True)
+        self.reader.start()
+
+    def send(self, *lines):
+        self.proc.stdin.write("".join(line + "\n" for line in lines))
+        self.proc.stdin.flush()
+
+    def expect(self, pattern, timeout=60):
+        """The match of the first new output line matching pattern; fails with the output seen so far."""
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            try:
+                self.seen.append(self.lines.get(timeout=max(0.01, deadline - time.time())))
+            except Exception:
+                break
+            if match := re.search(pattern, self.seen[-1]):
+                return match
+        raise AssertionError(f"no line matching {pattern!r} in {timeout} s; output: {self.seen}")
+
+    def finish(self, timeout=60):
+        """Close its input and wait for the exit; returns (exit status, the rest of stdout, stderr)."""
+        self.proc.stdin.close()
+        self.proc.wait(timeout=timeout)
+        self.reader.join(timeout=10)
+        rest = []
+        while not self.lines.empty():
+            rest.append(self.lines.get())
+        return self.proc.returncode, "\n".join(rest), self.proc.stderr.read()
+
+    def start_long_pulse(self, data, *lines):
+        """Enter lines, the last one with a pulse of 100000 steps, and return once that pulse is training."""
+        self.send(*lines[:-1], "/steps=100000", lines[-1])
+        self.expect(r"^steps = 100000$")
+        _wait_for(lambda: lines[-1].encode() in (data / "training_data.bin").read_bytes())
+        time.sleep(1.0)
+        assert self.proc.poll() is None, self.seen
 
 
-def test_tiny_sigkill_mid_pulse_loses_no_input(tmp_path):
+def _wait_for(condition, timeout=30):
+    deadline = time.time() + timeout
+    while not condition():
+        assert time.time() < deadline, "timed out"
+        time.sleep(0.05)
+
+
+def test_tiny_sigkill_mid_pulse_loses_no_line_queued_behind_it(tmp_path):
     data = tmp_path / "data"
-    lines = ["remember this line", "/save", "and this one ✨ 中文"]
-    proc = _tiny_start_long_pulse(data, lines)
-    proc.kill()  # SIGKILL in the middle of the long pulse
-    proc.communicate()
-    history = (data / "training_data.bin").read_text(encoding="utf-8")
-    assert history == "remember this line\nand this one ✨ 中文\n"
+    session = _TinySession(data)
+    session.start_long_pulse(data, "remember this line", "/save", "and this one ✨ 中文")
+    queued = ["typed during the pulse", "/gen ty", "and one more 二"]
+    session.send(*queued)                                   # read and stored while the pulse trains
+    history_path = data / "training_data.bin"
+    _wait_for(lambda: queued[-1].encode() in history_path.read_bytes(), timeout=10)
+    session.proc.kill()                                     # SIGKILL mid-pulse, three lines still queued
+    session.proc.wait()
+    history = history_path.read_text(encoding="utf-8")
+    assert history == "remember this line\nand this one ✨ 中文\ntyped during the pulse\nand one more 二\n"
     again = _tiny_run(data, "/stats\n/gen and\n/quit\n")
     assert again.returncode == 0 and "Traceback" not in again.stderr, again.stderr
     assert "error:" not in again.stdout and "resumed" in again.stdout
-    # the checkpoint predates the second line; its characters come from dynamic_vocab.json
+    # the checkpoint predates the later lines; their characters come from dynamic_vocab.json and the history
     assert _tiny_stat(again.stdout, "vocabulary") == 2 + len(set(history))
     assert _tiny_stat(again.stdout, "history") == len(history.encode())
 
 
 @pytest.mark.skipif(sys.platform == "win32", reason="SIGINT delivery differs on Windows")
-def test_tiny_ctrl_c_mid_pulse_autosaves_and_resumes(tmp_path):
+def test_tiny_ctrl_c_ends_the_pulse_saves_and_returns_to_the_prompt(tmp_path):
     data = tmp_path / "data"
-    proc = _tiny_start_long_pulse(data, ["first words", "second words"])
-    proc.send_signal(signal.SIGINT)
-    out, err = proc.communicate(timeout=60)
-    assert proc.returncode == 0 and "Traceback" not in err, err
-    assert "interrupted" in out and "saved" in out
-    saved_step = int(re.search(r"^saved .* \(step (\d+)\)$", out, re.M).group(1))
-    assert saved_step > 5  # the interrupted pulse made progress and was saved
-    again = _tiny_run(data, "/stats\n")
-    assert again.returncode == 0
-    assert _tiny_stat(again.stdout, "training") == saved_step
-    assert (data / "training_data.bin").read_text() == "first words\nsecond words\n"
+    session = _TinySession(data)
+    session.start_long_pulse(data, "first words", "second words")
+    session.proc.send_signal(signal.SIGINT)
+    stopped = session.expect(r"^step (\d+) \| stopped by Ctrl-C after (\d+) of 100000 steps")
+    step, taken = int(stopped[1]), int(stopped[2])
+    assert step == 5 + taken and taken > 5
+    assert torch.load(data / "model_checkpoint.pt", weights_only=True)["step"] == step  # saved at the stop
+    session.send("/stats")                                  # back at the prompt: it runs commands, trains no more
+    assert int(session.expect(r"^training: (\d+) steps")[1]) == step
+    session.send("/steps=3", "third words")
+    assert int(session.expect(r"^step (\d+) \| loss")[1]) == step + 3
+    session.proc.send_signal(signal.SIGINT)                 # Ctrl-C at the prompt: save and exit
+    session.expect(r"^interrupted$")
+    status, rest, err = session.finish()
+    assert status == 0 and "Traceback" not in err, err
+    assert f"(step {step + 3})" in rest
+    assert (data / "training_data.bin").read_text() == "first words\nsecond words\nthird words\n"
 
 
 def test_tiny_sigterm_mid_pulse_autosaves_and_a_second_session_is_refused(tmp_path):
     data = tmp_path / "data"
-    proc = _tiny_start_long_pulse(data, ["first words", "second words"])
+    session = _TinySession(data)
+    session.start_long_pulse(data, "first words", "second words")
     second = _tiny_run(data, "third words\n")  # same data directory while the first one trains
     assert second.returncode == 1 and "another tiny_llm_demo.py is using" in second.stderr
-    proc.send_signal(signal.SIGTERM)
-    out, err = proc.communicate(timeout=60)
-    assert proc.returncode == 0 and "Traceback" not in err, err
-    saved_step = int(re.search(r"^saved .* \(step (\d+)\)$", out, re.M).group(1))
+    session.proc.send_signal(signal.SIGTERM)
+    status, rest, err = session.finish()
+    assert status == 0 and "Traceback" not in err, err
+    saved_step = int(re.search(r"^saved .* \(step (\d+)\)$", rest, re.M).group(1))
     assert saved_step > 5
     assert (data / "training_data.bin").read_text() == "first words\nsecond words\n"
     assert _tiny_stat(_tiny_run(data, "/stats\n").stdout, "training") == saved_step  # the lock went with it
+
+
+_DIE_IN_SAVE_SCRIPT = """
+import os, signal, sys, torch
+sys.path.insert(0, sys.argv[1])
+import tiny_llm_demo as tiny
+def die_mid_write(obj, f, *args, **kwargs):  # a SIGKILL while a checkpoint is half written
+    f.write(b"half a checkpoint " * 50_000)
+    f.flush()
+    os.kill(os.getpid(), signal.SIGKILL)
+torch.save = die_mid_write
+sys.exit(tiny.main(sys.argv[2:]))
+"""
+
+
+def test_tiny_sigkill_during_an_autosave_leaves_no_orphan_and_the_last_good_checkpoint_loads(tmp_path):
+    data = tmp_path / "data"
+    assert _tiny_run(data, "hello world\n").returncode == 0                       # a checkpoint at step 5
+    for line in ("second line", "third line"):                                    # killed in a save, twice
+        died = subprocess.run([sys.executable, "-c", _DIE_IN_SAVE_SCRIPT, HERE, "--data-dir", str(data),
+                               "--device", "cpu", *TINY_FLAGS, "--autosave-every", "2"], input=line + "\n",
+                              capture_output=True, text=True, timeout=120, env=_TINY_ENV)
+        assert died.returncode == -signal.SIGKILL, died.stderr
+        assert len(list(data.glob(".model_checkpoint.pt.*.tmp"))) == 1               # the torn temp file
+        out = _tiny_run(data, "/stats\n")
+        assert out.returncode == 0 and "error:" not in out.stdout, out.stdout
+        assert re.search(r"removed 1 temp file\(s\) \(0\.9 MB\) left by an interrupted save", out.stdout)
+        assert not list(data.glob(".*.tmp"))
+        assert re.search(r"resumed .*model_checkpoint(\.prev)?\.pt \(step \d+", out.stdout), out.stdout
+        assert _tiny_stat(out.stdout, "training") >= 5
+    assert (data / "training_data.bin").read_text() == "hello world\nsecond line\nthird line\n"
+    steps = [torch.load(data / name, weights_only=True)["step"] for name in ("model_checkpoint.prev.pt",
+                                                                             "model_checkpoint.pt")]
+    assert steps[0] <= steps[1]
+
+
+def test_tiny_repl_save_file_then_load_file_round_trip(tmp_path):
+    data = tmp_path / "data"
+    commands = ["hello world", "/temp=0", "/topk=3", "/save snap.pt", "/gen hel", "another line, new chars: ωλ",
+                "/temp=0.9", "/load snap.pt", "/gen hel", "/stats"]
+    out = _tiny_run(data, "\n".join(commands) + "\n")
+    assert out.returncode == 0 and "error:" not in out.stdout, out.stdout
+    lines = out.stdout.splitlines()
+    assert "top_k = 3" in lines and "saved snap.pt (step 5)" in lines and (tmp_path / "snap.pt").is_file()
+    loaded = next(line for line in lines if line.startswith("loaded snap.pt"))
+    assert loaded.startswith("loaded snap.pt (step 5, ")
+    gens = [lines[i + 1] for i, line in enumerate(lines) if line in ("saved snap.pt (step 5)", loaded)]
+    assert gens[0].startswith("hel") and gens[0] == gens[1]  # the same weights and greedy setting came back
+    assert _tiny_stat(out.stdout, "training") == 5
+    settings = next(line for line in lines if line.startswith("settings:"))
+    assert "temperature 0.0, top_k 3" in settings
+    # characters learned after the snapshot stay in the vocabulary, so the history stays encodable
+    assert _tiny_stat(out.stdout, "vocabulary") == 2 + len(set("hello world\nanother line, new chars: ωλ"))
+
+
+def test_tiny_sampler_follows_the_distribution_it_is_given():
+    logits = torch.tensor([6.0, 6.0, 1.0, 0.0, -0.5, 2.0, 0.5])  # PAD and UNK highest: never drawn
+
+    def expected(temperature, top_k, top_p):
+        p = torch.softmax(logits[2:].double() / temperature, 0)
+        order = p.argsort(descending=True)
+        keep = torch.zeros_like(p, dtype=torch.bool)
+        mass = 0.0
+        for rank, i in enumerate(order.tolist()):
+            if (top_k and rank >= top_k) or mass >= top_p:
+                break
+            keep[i], mass = True, mass + p[i].item()
+        q = torch.where(keep, p, 0.0)
+        return torch.cat([torch.zeros(2), q / q.sum()])
+
+    gen = torch.Generator().manual_seed(0)
+    n = 8000
+    for temperature, top_k, top_p in ((1.0, 0, 1.0), (0.5, 0, 1.0), (1.5, 3, 1.0), (1.0, 0, 0.7)):
+        draws = [tiny.sample_token(logits, temperature, top_k, top_p, gen) for _ in range(n)]
+        freq = torch.bincount(torch.tensor(draws), minlength=len(logits)).double() / n
+        want = expected(temperature, top_k, top_p)
+        bound = 4 * (want * (1 - want) / n).sqrt() + 1e-9     # four standard errors per character
+        assert ((freq - want).abs() <= bound).all(), (temperature, top_k, top_p, freq, want)
+
+
+def test_tiny_bench_runs_and_reuses_its_cached_history(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    config = _tiny_config(context=32, batch_size=4, steps=5)
+    tiny.run_bench(config, torch.device("cpu"), history_mb=2, repeat=2)
+    history = tmp_path / "cache" / "tiny_llm_demo" / "bench_history_2mb.bin"
+    first = capsys.readouterr().out
+    assert history.stat().st_size >= 2 * 2**20
+    stamp = history.stat().st_mtime_ns
+    tiny.run_bench(config, torch.device("cpu"), history_mb=2, repeat=2)
+    assert history.stat().st_mtime_ns == stamp            # written once, then reused
+    for out in (first, capsys.readouterr().out):
+        assert re.search(r"training step: +[\d.]+ ms", out) and "same tokens: True" in out
+        assert re.search(r"replay batch, +2\.\d MB history: +[\d.]+ ms", out), out
+
+
+_RECALL = ["the quick brown fox jumps over the lazy dog", "my favourite colour is a deep ocean blue",
+           "paris is the capital city of france", "我们今天下午三点在图书馆见面", "seven times eight equals fifty six"]
+
+
+def test_tiny_default_model_recalls_five_taught_sentences_within_four_rounds(tmp_path):
+    """As a user sees it: the default configuration (only --threads 2), each sentence typed once per round (one
+    pulse each), then recalled greedily from its first 5 characters."""
+    s = _TinySession(tmp_path / "data", "--threads", "2", defaults=())
+    s.send("/temp=0")
+    recalled = []
+    for round_ in range(1, 5):
+        for sentence in _RECALL:
+            s.send(sentence)
+            s.expect(r"^step \d+ \| loss [\d.]+ \| 20 steps in", timeout=120)
+        s.send(*(f"/gen {sentence[:5]}" for sentence in _RECALL))
+        recalled.append(sum(s.expect(r"^" + re.escape(sentence[:5])).string == sentence for sentence in _RECALL))
+        if recalled[-1] == 5:
+            break
+    status, _, err = s.finish()
+    assert status == 0, err
+    assert recalled[-1] == 5, f"recalled per round: {recalled}; output: {s.seen}"
 
 
 # ======================================================================================

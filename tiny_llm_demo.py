@@ -7,7 +7,8 @@ TinyGPT: a character-level language model that learns online from what you type.
     python tiny_llm_demo.py --bench                  # step time, KV-cache speedup, replay sampling cost
 
 Every line you type is appended to <data-dir>/training_data.bin (fsynced before any training on it)
-and triggers a training pulse: a few AdamW steps on batches replayed from the whole history. The
+and triggers a training pulse: 20 AdamW steps (about 2 s on 2 CPU cores at the default size, with a
+progress line on a terminal) on batches of 4 windows replayed from the whole history. The
 vocabulary starts with PAD and UNK and grows whenever a new character (any Unicode code point) appears.
 Type /help in the REPL for the commands.
 
@@ -19,11 +20,11 @@ Design choices:
 - training_data.bin is append-only UTF-8 text. A training window is read by random access: draw the
   byte where it ends (clamped at the end of the file, so the newest text is covered as often as the
   rest), read 4 bytes per character of window before it (UTF-8's maximum), decode dropping the
-  characters cut at the edges. Row 0 of every batch is the newest window, so the line just typed is
-  learned in its own pulse; of the other rows about 20% come from an in-memory cache of the last
-  500 KB, the rest from the whole file, so memory use does not depend on the history size. Windows
-  are always real text; padding only appears while the whole history is shorter than a window, and
-  PAD targets are ignored.
+  characters cut at the edges. Row 0 of every batch of a pulse is the window that ends with the line
+  being learned (lines typed ahead of it may already follow in the file); of the other rows about 20%
+  come from an in-memory cache of the last 500 KB, the rest from the whole file, so memory use does not
+  depend on the history size. Windows are always real text; padding only appears while the whole history
+  is shorter than a window, and PAD targets are ignored.
 - The learning rate follows a cosine with warmup over cycles of --lr-cycle-steps steps that restart
   (an online learner never finishes); the global step is the scheduler state kept in checkpoints.
 - Generation uses the EMA weights and a KV cache: the prompt is prefilled, then each token costs one
@@ -32,11 +33,16 @@ Design choices:
   window); this costs about one extra token's work per generated token, so the cost per token does
   not grow with the prefix. (Sliding a ring buffer instead would not equal the model on a cropped
   window: in layers above the first, cached keys were computed with context older than the window.)
-- Ctrl-C (or SIGTERM) finishes the current training step, then the program autosaves and exits, as on
-  /quit and EOF; training also autosaves every --autosave-every steps. A lock on DATA_DIR/.lock keeps a
-  second session out of the same directory. After a SIGKILL every line entered is already on disk: the
-  restart loads the last checkpoint (at most --autosave-every steps old), grows it with the characters
-  recorded in dynamic_vocab.json since, and replays the whole history.
+- Ctrl-C during training ends the pulse after its current step, saves, and returns to the prompt; Ctrl-C at
+  the prompt (or twice), SIGTERM, /quit and EOF save and exit. Training also autosaves every --autosave-every
+  steps, and each autosave keeps the one before it (model_checkpoint.prev.pt), so a kill at any moment leaves
+  a whole checkpoint; a damaged one is set aside (*.corrupt-*) and the previous one loads. With neither, a new
+  model is trained on the history (at most --recover-steps steps). A lock on DATA_DIR/.lock keeps a second
+  session out of the same directory, and temp files of saves a killed session never finished are removed.
+- Input is read on a thread: a line typed (or piped) while a pulse runs is appended to the history at once and
+  learned in its turn, so after a SIGKILL every line that reached the program is on disk. The restart loads the
+  last checkpoint (at most --autosave-every steps old), grows it with the characters recorded since, and
+  replays the whole history.
 """
 
 from __future__ import annotations
@@ -48,8 +54,11 @@ import dataclasses
 import json
 import math
 import os
+import io
+import queue
 import random
 import signal
+import statistics
 import string
 import sys
 import tempfile
@@ -65,8 +74,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from common import (add_config_flags, atomic_save, atomic_write_bytes, bf16_autocast, cosine_lr, given_flags,
-                    load_checkpoint, pick_device, sample_next, time_calls)
+from common import (add_config_flags, atomic_save, atomic_write, atomic_write_bytes, bf16_autocast, cosine_lr,
+                    given_flags, load_checkpoint, pick_device, sample_next, time_calls)
 
 # -----------------------------------------------------------------------------
 # configuration
@@ -82,7 +91,8 @@ class TinyConfig:
     n_layer: int = field(default=4, metadata={"help": "transformer blocks"})
     # online training
     steps: int = field(default=20, metadata={"help": "optimizer steps per training pulse (REPL: /steps=N)"})
-    batch_size: int = field(default=16, metadata={"help": "windows per training batch"})
+    batch_size: int = field(default=4, metadata={
+        "help": "windows per training batch (4 keeps a default pulse near 2 s on 2 CPU cores)"})
     lr: float = field(default=1e-3, metadata={"help": "peak learning rate of each cosine cycle"})
     min_lr: float = field(default=1e-4, metadata={"help": "learning rate at the end of each cosine cycle"})
     warmup_steps: int = field(default=20, metadata={"help": "linear warmup steps at the start of each cycle"})
@@ -91,6 +101,8 @@ class TinyConfig:
     grad_clip: float = field(default=1.0, metadata={"help": "maximum gradient norm"})
     autosave_every: int = field(default=200, metadata={
         "help": "also autosave every N training steps, so a crash or SIGKILL loses at most N (0: on exit only)"})
+    recover_steps: int = field(default=300, metadata={
+        "help": "with a history but no readable checkpoint, train a new model on it for at most N steps at start"})
     ema_decay: float = field(default=0.995, metadata={"help": "EMA decay of the generation weights (0: raw weights)"})
     # generation
     temperature: float = field(default=0.8, metadata={"help": "sampling temperature, 0 = greedy (REPL: /temp=X)"})
@@ -113,7 +125,7 @@ class TinyConfig:
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         for name in ("steps", "warmup_steps", "min_lr", "weight_decay", "autosave_every", "temperature", "top_k",
-                     "sample_every"):
+                     "sample_every", "recover_steps"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.lr <= 0 or self.grad_clip <= 0:
@@ -389,16 +401,6 @@ def grow_adam_state(optimizer: torch.optim.Optimizer, param: nn.Parameter) -> No
             state[key] = torch.cat([old, old.new_zeros(param.shape[0] - old.shape[0], *old.shape[1:])])
 
 
-def build_training_state(config: TinyConfig, vocab_size: int, device: torch.device):
-    """A fresh (model, EMA, AdamW); weight decay on matrices only (embedding/head and linear weights)."""
-    torch.manual_seed(config.seed)
-    model = TinyGPT(config, vocab_size).to(device)
-    matrices = [p for p in model.parameters() if p.dim() >= 2]
-    vectors = [p for p in model.parameters() if p.dim() < 2]
-    optimizer = torch.optim.AdamW([{"params": matrices, "weight_decay": config.weight_decay},
-                                   {"params": vectors, "weight_decay": 0.0}], lr=config.lr, betas=(0.9, 0.95))
-    return model, EMA(model), optimizer
-
 # -----------------------------------------------------------------------------
 # data: the persistent replay memory
 
@@ -414,13 +416,15 @@ def _randint(high: int, generator: torch.Generator) -> int:
 class PersistentReplayText:
     """Append-only UTF-8 history on disk, of unlimited size, plus a cache of its last ~500 KB.
 
-    append() writes, flushes and fsyncs before returning, so text is on disk before any training on it.
-    Batches read windows by random access, so memory use is bounded by the cache and one batch."""
+    append() writes, flushes and fsyncs before returning, so text is on disk before any training on it; it
+    may run on another thread than sampling (the REPL's line reader), hence the lock. Batches read windows
+    by random access, so memory use is bounded by the cache and one batch."""
 
     def __init__(self, path: str | os.PathLike, cache_bytes: int = RECENT_CACHE_BYTES):
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.cache_bytes = cache_bytes
+        self.lock = threading.Lock()
         self.writer = open(self.path, "ab")
         self.reader = open(self.path, "rb")
         self.size = os.path.getsize(self.path)
@@ -430,13 +434,16 @@ class PersistentReplayText:
         self.writer.close()
         self.reader.close()
 
-    def append(self, text: str) -> None:
+    def append(self, text: str) -> int:
+        """Store text durably; returns the history's size after it, i.e. where text ends."""
         data = text.encode("utf-8")
-        self.writer.write(data)
-        self.writer.flush()
-        os.fsync(self.writer.fileno())
-        self.size += len(data)
-        self.recent = (self.recent + data)[-self.cache_bytes:]
+        with self.lock:
+            self.writer.write(data)
+            self.writer.flush()
+            os.fsync(self.writer.fileno())
+            self.recent = (self.recent + data)[-self.cache_bytes:]
+            self.size += len(data)
+            return self.size
 
     def recent_text(self) -> str:
         return self.recent.decode("utf-8", errors="ignore")
@@ -450,16 +457,14 @@ class PersistentReplayText:
         self.reader.seek(start)
         return self.reader.read(n)
 
-    def _read_recent(self, start: int, n: int) -> bytes:
-        return self.recent[start:start + n]
-
-    def sample_window(self, n_chars: int, recent: bool, generator: torch.Generator, newest: bool = False) -> str:
-        """n_chars consecutive characters from the cache or the whole file (fewer only if that source is
-        shorter). The window's end byte is drawn uniformly and clamped at the end of the source, so every
-        byte, the newest included, is covered about equally often; newest=True takes the last window."""
-        read, size = (self._read_recent, len(self.recent)) if recent else (self._read_file, self.size)
+    @staticmethod
+    def sample_window(read: Callable[[int, int], bytes], size: int, n_chars: int, generator: torch.Generator,
+                      end: int | None = None) -> str:
+        """n_chars consecutive characters of a source of `size` bytes read by read(start, n) (fewer only if
+        it is shorter). The window's end byte is drawn uniformly and clamped at the end of the source, so
+        every byte, the newest included, is covered about equally often; `end` fixes it instead."""
         span = 4 * n_chars + 6  # enough bytes for n_chars characters plus the cut ones at both edges
-        end = size if newest else min(size, n_chars + _randint(max(1, size), generator))
+        end = min(size, n_chars + _randint(max(1, size), generator)) if end is None else end
         start = max(0, end - span)
         text = read(start, end - start).decode("utf-8", errors="ignore")  # drops partial characters at the edges
         if len(text) < n_chars:  # a window ending near the start of the file: the first n_chars instead
@@ -467,14 +472,20 @@ class PersistentReplayText:
         return text[-n_chars:]
 
     def sample_batch(self, tokenizer: DynamicTokenizer, batch_size: int, n_tokens: int,
-                     generator: torch.Generator) -> torch.Tensor:
+                     generator: torch.Generator, first_end: int | None = None) -> torch.Tensor:
         """Token ids (batch_size, n_tokens), PAD-filled only where the history is shorter than a window.
-        Row 0 is the newest window (the line just typed is learned at once); each other row comes from the
-        recent cache with probability RECENT_FRACTION, else from anywhere in the history."""
+        Row 0 is the window ending at byte first_end (default: the newest), so the line just typed is learned
+        at once; each other row comes from the recent cache with probability RECENT_FRACTION, else from
+        anywhere in the history."""
+        with self.lock:  # a consistent view while the line reader may append
+            size, recent = self.size, self.recent
+        sources = {False: (self._read_file, size), True: (lambda start, n: recent[start:start + n], len(recent))}
         rows = torch.full((batch_size, n_tokens), PAD, dtype=torch.long)
         from_recent = torch.rand(batch_size, generator=generator) < RECENT_FRACTION
         for b in range(batch_size):
-            ids = tokenizer.encode(self.sample_window(n_tokens, bool(from_recent[b]), generator, newest=b == 0))
+            read, n_bytes = sources[bool(from_recent[b]) and b > 0]
+            end = (size if first_end is None else first_end) if b == 0 else None
+            ids = tokenizer.encode(self.sample_window(read, n_bytes, n_tokens, generator, end))
             rows[b, :len(ids)] = torch.tensor(ids, dtype=torch.long)
         return rows
 
@@ -499,180 +510,345 @@ def scan_text_file(path: str | os.PathLike) -> tuple[int, int]:
     return lines + (last != "\n"), chars
 
 # -----------------------------------------------------------------------------
-# online training
+# training state and checkpoints
 
 
-STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)  # Ctrl-C, and a polite kill (e.g. a shutdown): both autosave
+@dataclass
+class TrainingState:
+    """What a checkpoint holds: everything needed to continue exactly where a session stopped."""
+    config: TinyConfig
+    tokenizer: DynamicTokenizer
+    model: TinyGPT
+    ema: EMA
+    optimizer: torch.optim.Optimizer
+    data_rng: torch.Generator  # batches and new embedding rows
+    gen_rng: torch.Generator  # generation only
+    step: int = 0  # optimizer steps so far, also the learning-rate schedule's state
 
+    @classmethod
+    def fresh(cls, config: TinyConfig, tokenizer: DynamicTokenizer, device: torch.device) -> "TrainingState":
+        """A new model; AdamW with weight decay on matrices only (embedding/head and linear weights)."""
+        torch.manual_seed(config.seed)
+        model = TinyGPT(config, len(tokenizer)).to(device)
+        matrices = [p for p in model.parameters() if p.dim() >= 2]
+        vectors = [p for p in model.parameters() if p.dim() < 2]
+        optimizer = torch.optim.AdamW([{"params": matrices, "weight_decay": config.weight_decay},
+                                       {"params": vectors, "weight_decay": 0.0}], lr=config.lr, betas=(0.9, 0.95))
+        return cls(config, tokenizer, model, EMA(model), optimizer,
+                   torch.Generator().manual_seed(config.seed), torch.Generator().manual_seed(config.seed + 1))
 
-def raise_keyboard_interrupt(signum, frame):
-    raise KeyboardInterrupt
-
-
-@contextlib.contextmanager
-def deferred_sigint():
-    """While the block runs, Ctrl-C (or SIGTERM) only sets a flag, checked between steps, so no step is cut in
-    half; outside such blocks both raise KeyboardInterrupt (see main)."""
-    hits = []
-    if threading.current_thread() is not threading.main_thread():
-        yield lambda: False
-        return
-    previous = [signal.signal(s, lambda *_: hits.append(1)) for s in STOP_SIGNALS]
-    try:
-        yield lambda: bool(hits)
-    finally:
-        for s, handler in zip(STOP_SIGNALS, previous):
-            signal.signal(s, handler)
-
-
-class OnlineLearner:
-    """Tokenizer, model, EMA, optimizer and replay memory of one data directory, and what the REPL does with them."""
-
-    def __init__(self, config: TinyConfig, data_dir: str | os.PathLike, device: torch.device | str = "cpu"):
-        config.check()
-        self.config, self.device = config, torch.device(device)
-        self.data_dir = Path(data_dir)
-        self.checkpoint_path = self.data_dir / "model_checkpoint.pt"
-        self.previous_path = self.data_dir / "model_checkpoint.prev.pt"   # the autosave before the last
-        self.vocab_path = self.data_dir / "dynamic_vocab.json"
-        self.replay = PersistentReplayText(self.data_dir / "training_data.bin")
-        self.tokenizer = DynamicTokenizer()
-        self.model, self.ema, self.optimizer = build_training_state(config, len(self.tokenizer), self.device)
-        self.step = 0
-        self.saved_step = 0  # step of the last save (or load); autosave_every counts from it
-        self.data_rng = torch.Generator().manual_seed(config.seed)  # batches and new embedding rows
-        self.gen_rng = torch.Generator().manual_seed(config.seed + 1)  # generation only
-
-    # --- vocabulary -----------------------------------------------------------------
-
-    def add_text(self, text: Iterable[str]) -> list[str]:
-        """Grow the vocabulary, model, EMA and Adam state with the new characters of text."""
+    def add_chars(self, text: Iterable[str]) -> list[str]:
+        """Grow the vocabulary, model, EMA and Adam state with the new characters of text; return them."""
         new = self.tokenizer.add(text)
         if new:
             rows = self.model.new_token_rows(len(new), self.data_rng)
             self.model.append_token_rows(rows)
             self.ema.model.append_token_rows(rows)
             grow_adam_state(self.optimizer, self.model.tok_emb.weight)
-            atomic_write_bytes(self.tokenizer.to_json(), self.vocab_path)
         return new
 
-    def resume(self, overrides: dict | None = None) -> list[str]:
-        """Pick up where this data directory stopped; return messages for the user.
+    def to_checkpoint(self) -> dict:
+        return {"config": dataclasses.asdict(self.config), "vocab": self.tokenizer.chars,
+                "model": self.model.state_dict(), "ema": self.ema.model.state_dict(),
+                "optimizer": self.optimizer.state_dict(), "step": self.step,
+                "data_rng": self.data_rng.get_state(), "gen_rng": self.gen_rng.get_state()}
 
-        The autosaved checkpoint (or, if it is unreadable, the one before it, model_checkpoint.prev.pt) brings
-        model, optimizer, EMA, step, RNGs and vocabulary; characters
-        that dynamic_vocab.json recorded after it (e.g. before a SIGKILL) are added. If the vocabulary
-        file is unreadable it is kept aside and the characters are recovered from the history itself.
-        overrides are command-line settings, applied after the checkpoint's (model shape excepted)."""
-        messages, vocab = [], None
-        if self.vocab_path.exists():  # read before load() rewrites it
-            try:
-                vocab = DynamicTokenizer.from_json(self.vocab_path.read_bytes())
-            except ValueError as exc:
-                aside = self.vocab_path.with_name(f"{self.vocab_path.name}.corrupt-{time.strftime('%Y%m%d-%H%M%S')}")
-                os.replace(self.vocab_path, aside)
-                messages.append(f"error: {self.vocab_path}: {exc}; kept it as {aside.name}, "
-                                "rebuilding the vocabulary from the checkpoint and the history")
-        resumed = None
-        for path in (self.checkpoint_path, self.previous_path):   # the newest readable one
-            if not path.exists():
-                continue
-            try:
-                self.load(path)
-                resumed = path
-                break
-            except ValueError as exc:
-                aside = path.with_name(f"{path.name}.corrupt-{time.strftime('%Y%m%d-%H%M%S')}")
-                os.replace(path, aside)
-                messages.append(f"error: {exc}; moved it to {aside.name}")
-        else:
-            if messages and messages[-1].startswith("error: ") and "moved it to" in messages[-1]:
-                messages.append("no readable checkpoint left: started a new model")
+    @classmethod
+    def from_checkpoint(cls, path: str | os.PathLike, device: torch.device) -> "TrainingState":
+        """Read a checkpoint written from to_checkpoint; ValueError (one line) if it is damaged or foreign,
+        FileNotFoundError if it is missing."""
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # foreign configs: the checks below give the message
+            ckpt, config = load_checkpoint(path, TinyConfig)
+        try:
+            config.check()
+            state = cls.fresh(config, DynamicTokenizer(ckpt["vocab"]), device)
+            state.model.load_state_dict(ckpt["model"])
+            state.ema.model.load_state_dict(ckpt["ema"])
+            state.optimizer.load_state_dict(ckpt["optimizer"])
+            for p in state.model.parameters():
+                moments = state.optimizer.state.get(p, {})
+                if "exp_avg" in moments and moments["exp_avg"].shape != p.shape:
+                    raise ValueError("optimizer state does not match the model")
+            state.step = int(ckpt["step"])
+            state.data_rng.set_state(ckpt["data_rng"])
+            state.gen_rng.set_state(ckpt["gen_rng"])
+        except (AttributeError, IndexError, KeyError, TypeError, ValueError, RuntimeError) as exc:
+            detail = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else ""
+            raise ValueError(f"{path}: not a usable TinyGPT checkpoint ({type(exc).__name__}: {detail})") from exc
+        return state
+
+
+def set_aside(path: Path, problem: str) -> str:
+    """Rename a damaged file to NAME.corrupt-TIMESTAMP (kept for the user, never deleted); the line saying so."""
+    aside = path.with_name(f"{path.name}.corrupt-{time.strftime('%Y%m%d-%H%M%S')}")
+    os.replace(path, aside)
+    return f"error: {problem}; kept it as {aside.name}"
+
+
+class CheckpointStore:
+    """The files of a data directory besides the history: model_checkpoint.pt, the one before it, the vocabulary.
+
+    Each autosave first renames the current checkpoint to model_checkpoint.prev.pt, then writes the new one
+    atomically (temp file + rename), so a kill at any moment leaves at least one whole checkpoint."""
+
+    def __init__(self, data_dir: str | os.PathLike):
+        self.data_dir = Path(data_dir)
+        self.checkpoint_path = self.data_dir / "model_checkpoint.pt"
+        self.previous_path = self.data_dir / "model_checkpoint.prev.pt"
+        self.vocab_path = self.data_dir / "dynamic_vocab.json"
+
+    def save(self, state: TrainingState, path: str | os.PathLike | None = None) -> Path:
+        path = Path(path or self.checkpoint_path)
+        if path == self.checkpoint_path and path.exists():
+            os.replace(path, self.previous_path)
+        atomic_save(state.to_checkpoint(), path)
+        self.write_vocab(state.tokenizer)
+        return path
+
+    def write_vocab(self, tokenizer: DynamicTokenizer) -> None:
+        atomic_write_bytes(tokenizer.to_json(), self.vocab_path)
+
+    def read_vocab(self) -> tuple[DynamicTokenizer | None, list[str]]:
+        """dynamic_vocab.json's vocabulary (None if missing or damaged; a damaged one is set aside), messages."""
+        if not self.vocab_path.exists():
+            return None, []
+        try:
+            return DynamicTokenizer.from_json(self.vocab_path.read_bytes()), []
+        except ValueError as exc:
+            return None, [set_aside(self.vocab_path, f"{self.vocab_path}: {exc}") + "; rebuilding the vocabulary "
+                          "from the checkpoint and the history"]
+
+    def newest_readable(self, device: torch.device) -> tuple[TrainingState | None, Path | None, list[str]]:
+        """The state of the autosave, or of the one before it when the autosave is damaged; damaged files are
+        set aside. Returns (state or None, its path, messages)."""
+        messages = []
+        for path in (self.checkpoint_path, self.previous_path):
+            if path.exists():
+                try:
+                    return TrainingState.from_checkpoint(path, device), path, messages
+                except ValueError as exc:
+                    messages.append(set_aside(path, str(exc)))
+        return None, None, messages
+
+    def remove_stale_temp_files(self) -> str | None:
+        """Delete the temp files of saves a killed process never finished (.NAME.*.tmp, from atomic writes).
+        Only safe under the data directory's lock: then no save of ours is in flight. A line for the user, or None."""
+        stale = [p for p in self.data_dir.glob(".*.tmp") if p.is_file()]
+        size = sum(p.stat().st_size for p in stale)
+        for p in stale:
+            p.unlink()
+        if not stale:
+            return None
+        return f"removed {len(stale)} temp file(s) ({size / 2**20:.1f} MB) left by an interrupted save"
+
+# -----------------------------------------------------------------------------
+# training
+
+
+class StopSignals:
+    """Ctrl-C (SIGINT) and SIGTERM, once install()ed by main. Inside a `deferred()` block a signal is only
+    recorded, and training checks between steps, so no step or save is cut in half; outside, both raise
+    KeyboardInterrupt as usual. Without install() (as a library) Python's own Ctrl-C handling stays."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self):
+        self.received: list[int] = []
+        self.depth = 0
+
+    def install(self) -> None:
+        for s in self.SIGNALS:
+            signal.signal(s, self._handle)
+
+    def _handle(self, signum, frame):
+        if not self.depth:
+            raise KeyboardInterrupt
+        self.received.append(signum)
+
+    @contextlib.contextmanager
+    def deferred(self):
+        self.depth += 1
+        try:
+            yield
+        finally:
+            self.depth -= 1
+
+    def take(self) -> list[int]:
+        """The signals recorded since the last take(), then forgotten."""
+        received, self.received = self.received, []
+        return received
+
+
+STOPS = StopSignals()
+
+
+@dataclass
+class PulseResult:
+    """What a training pulse did."""
+    steps: int  # steps taken
+    planned: int  # steps asked for
+    loss: float | None  # mean finite loss of those steps; None if nothing was trained
+    seconds: float
+    stopped: bool = False  # Ctrl-C ended it early (the state was saved)
+
+
+def current_lr(state: TrainingState) -> float:
+    """Cosine with warmup over cycles of lr_cycle_steps that restart (an online learner never finishes)."""
+    cfg = state.config
+    return cosine_lr(state.step % cfg.lr_cycle_steps, lr=cfg.lr, warmup_steps=cfg.warmup_steps,
+                     total_steps=cfg.lr_cycle_steps, min_lr=cfg.min_lr)
+
+
+def train_step(state: TrainingState, replay: PersistentReplayText, first_end: int | None = None) -> float:
+    """One AdamW step on a replay batch whose row 0 ends at byte first_end (default: the newest text);
+    returns the loss. A non-finite loss or gradient skips the update."""
+    cfg, device = state.config, state.model.inv_freq.device
+    for group in state.optimizer.param_groups:
+        group["lr"] = current_lr(state)
+    state.optimizer.param_groups[0]["weight_decay"] = cfg.weight_decay
+    batch = replay.sample_batch(state.tokenizer, cfg.batch_size, cfg.context + 1, state.data_rng, first_end)
+    batch = batch.to(device)
+    with bf16_autocast(device):
+        _, loss = state.model(batch[:, :-1], batch[:, 1:])  # (B, T) inputs predict the next characters
+    state.optimizer.zero_grad(set_to_none=True)
+    loss_value = loss.item()
+    if not math.isfinite(loss_value):
+        return loss_value
+    loss.backward()
+    grad_norm = torch.nn.utils.clip_grad_norm_(state.model.parameters(), cfg.grad_clip)
+    if not torch.isfinite(grad_norm):  # an overflowed gradient would turn every weight into NaN
+        state.optimizer.zero_grad(set_to_none=True)
+        return float("nan")
+    state.optimizer.step()
+    state.step += 1
+    state.ema.update(state.model, state.step, cfg.ema_decay)
+    return loss_value
+
+
+def train_pulse(state: TrainingState, replay: PersistentReplayText, steps: int, first_end: int | None = None,
+                on_step: Callable[[], None] = lambda: None) -> PulseResult:
+    """Up to `steps` training steps with a progress line (steps, loss, elapsed time; on terminals only),
+    ending early when a stop signal is recorded. on_step runs after each step (the autosave)."""
+    start, losses, taken = time.perf_counter(), [], 0
+    if replay.size and steps:
+        with tqdm(total=steps, desc="training", unit="step", disable=None, leave=False) as bar:
+            while taken < steps and not STOPS.received:
+                loss = train_step(state, replay, first_end)
+                taken += 1
+                if math.isfinite(loss):
+                    losses.append(loss)
+                on_step()
+                bar.set_postfix_str(f"loss {loss:.3f}", refresh=False)
+                bar.update()
+    mean = sum(losses) / len(losses) if losses else (float("nan") if taken else None)
+    return PulseResult(taken, steps, mean, time.perf_counter() - start)
+
+# -----------------------------------------------------------------------------
+# the online learner
+
+
+class OnlineLearner:
+    """One data directory's history, checkpoints and training state, and what the REPL does with them."""
+
+    def __init__(self, config: TinyConfig, data_dir: str | os.PathLike, device: torch.device | str = "cpu"):
+        config.check()
+        self.device = torch.device(device)
+        self.store = CheckpointStore(data_dir)
+        self.replay = PersistentReplayText(self.store.data_dir / "training_data.bin")
+        self.state = TrainingState.fresh(config, DynamicTokenizer(), self.device)
+        self.saved_step = 0  # step of the last autosave (or load); autosave_every counts from it
+
+    @property
+    def config(self) -> TinyConfig:
+        return self.state.config
+
+    def add_text(self, text: Iterable[str]) -> list[str]:
+        """Grow the vocabulary (and the model with it) by the new characters of text; the file follows."""
+        new = self.state.add_chars(text)
+        if new:
+            self.store.write_vocab(self.state.tokenizer)
+        return new
+
+    # --- resuming -------------------------------------------------------------------
+
+    def resume(self, overrides: dict | None = None, say: Callable[[str], None] = print) -> None:
+        """Pick up where this data directory stopped, telling the user through say().
+
+        The autosave (or, if it is damaged, the one before it) brings model, optimizer, EMA, step, RNGs and
+        vocabulary; characters that dynamic_vocab.json or the recent history recorded after it (e.g. before a
+        SIGKILL) are added. With no readable checkpoint but a history, a new model is trained on the history
+        for at most --recover-steps steps. overrides are command-line settings, applied after the checkpoint's
+        (model shape excepted)."""
+        vocab, messages = self.store.read_vocab()  # read before a load rewrites it
+        state, path, damaged = self.store.newest_readable(self.device)
+        for message in messages + damaged:
+            say(message)
+        if state is not None:
+            self._adopt(state)
         if vocab is not None:
             self.add_text(vocab.chars)
             self.add_text(self.replay.recent_text())
         else:
             for chunk in self.replay.iter_text():
                 self.add_text(chunk)
-        atomic_write_bytes(self.tokenizer.to_json(), self.vocab_path)
-        if resumed is not None:                         # counted after the characters recorded since it
-            messages.append(f"resumed {resumed} (step {self.step}, {len(self.tokenizer)} tokens)")
+        self.store.write_vocab(self.state.tokenizer)
+        if path is not None:  # counted after the characters recorded since it
+            say(f"resumed {path} (step {self.state.step}, {len(self.state.tokenizer)} tokens)")
         for name, value in (overrides or {}).items():
             if name in ARCH_FIELDS and value != getattr(self.config, name):
-                messages.append(f"note: the saved model has {name}={getattr(self.config, name)}; "
-                                f"--{name.replace('_', '-')} {value} ignored")
-        runtime = {k: v for k, v in (overrides or {}).items() if k not in ARCH_FIELDS}
-        self.set_config(**runtime)
-        return messages
+                say(f"note: the saved model has {name}={getattr(self.config, name)}; "
+                    f"--{name.replace('_', '-')} {value} ignored")
+        self.set_config(**{k: v for k, v in (overrides or {}).items() if k not in ARCH_FIELDS})
+        if path is None and self.replay.size:
+            self._retrain(say, damaged)
+
+    def _retrain(self, say: Callable[[str], None], damaged: list[str]) -> None:
+        """No checkpoint to resume but a history: train a new model on it as its lines were learned, a pulse
+        per line, for at most recover_steps steps."""
+        cfg = self.config
+        steps = min(cfg.recover_steps, cfg.steps * max(1, sum(chunk.count("\n") for chunk in self.replay.iter_text())))
+        say(f"no {'readable ' if damaged else ''}checkpoint: training a new model on the "
+            f"{self.replay.size:,}-byte history for {steps} steps (--recover-steps {cfg.recover_steps})")
+        result = self.pulse(steps)
+        loss = float("nan") if result.loss is None else result.loss
+        say(f"{'stopped' if result.stopped else 'done'}: step {self.state.step}, loss {loss:.3f}, "
+            f"{result.seconds:.1f} s")
 
     def set_config(self, **changes) -> None:
         """Change settings (validated first; on ValueError nothing changes). Model shape cannot change."""
         config = dataclasses.replace(self.config, **changes)
         config.check()
-        self.config = config
+        self.state.config = config
 
     # --- training -------------------------------------------------------------------
 
-    def current_lr(self) -> float:
-        """Cosine with warmup over cycles of lr_cycle_steps that restart (an online learner never finishes)."""
-        cfg = self.config
-        return cosine_lr(self.step % cfg.lr_cycle_steps, lr=cfg.lr, warmup_steps=cfg.warmup_steps,
-                         total_steps=cfg.lr_cycle_steps, min_lr=cfg.min_lr)
-
-    def train_step(self) -> float:
-        """One AdamW step on a replay batch; returns the loss (a non-finite loss skips the update)."""
-        cfg = self.config
-        lr = self.current_lr()
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
-        self.optimizer.param_groups[0]["weight_decay"] = cfg.weight_decay
-        batch = self.replay.sample_batch(self.tokenizer, cfg.batch_size, cfg.context + 1, self.data_rng)
-        batch = batch.to(self.device)
-        with bf16_autocast(self.device):
-            _, loss = self.model(batch[:, :-1], batch[:, 1:])  # (B, T) inputs predict the next characters
-        self.optimizer.zero_grad(set_to_none=True)
-        loss_value = loss.item()
-        if not math.isfinite(loss_value):
-            return loss_value
-        loss.backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
-        if not torch.isfinite(grad_norm):  # an overflowed gradient would turn every weight into NaN
-            self.optimizer.zero_grad(set_to_none=True)
-            return float("nan")
-        self.optimizer.step()
-        self.step += 1
-        self.ema.update(self.model, self.step, cfg.ema_decay)
-        return loss_value
-
-    def train_pulse(self, steps: int, progress: bool = False) -> float | None:
-        """steps training steps; mean loss, or None if there is nothing to train on.
-        Ctrl-C stops after the current step and is passed on as KeyboardInterrupt."""
-        if self.replay.size == 0 or steps == 0:
-            return None
-        losses = []
-        with deferred_sigint() as interrupted:
-            for _ in tqdm(range(steps), desc="training", unit="step", disable=None if progress else True, leave=False):
-                if interrupted():
-                    break
-                loss = self.train_step()
-                if math.isfinite(loss):
-                    losses.append(loss)
-                if self.config.autosave_every and self.step - self.saved_step >= self.config.autosave_every:
-                    self.save()
-        if interrupted():
+    def pulse(self, steps: int, first_end: int | None = None) -> PulseResult:
+        """A training pulse that autosaves every autosave_every steps. A Ctrl-C during it ends it early and
+        saves; a SIGTERM or a second Ctrl-C also raise KeyboardInterrupt (the caller saves and exits)."""
+        def autosave():
+            if self.config.autosave_every and self.state.step - self.saved_step >= self.config.autosave_every:
+                self.save()
+        with STOPS.deferred():
+            result = train_pulse(self.state, self.replay, steps, first_end, on_step=autosave)
+            if STOPS.received:
+                self.save()
+            received = STOPS.take()  # a Ctrl-C during that save counts as the second
+        if signal.SIGTERM in received or len(received) > 1:
             raise KeyboardInterrupt
-        return sum(losses) / len(losses) if losses else float("nan")
+        result.stopped = bool(received)
+        return result
 
-    def learn_line(self, text: str) -> float | None:
-        """Store one line of user text (on disk before training), then run a training pulse."""
-        with deferred_sigint() as interrupted:  # Ctrl-C here must not lose the line: store it first
+    def learn_line(self, text: str, stored_end: int | None = None) -> PulseResult:
+        """Learn one line of user text: stored on disk first (unless the line reader did, ending at byte
+        stored_end), then a pulse whose every batch holds it."""
+        with STOPS.deferred():  # a Ctrl-C here must not lose the line: store it first
+            if stored_end is None:
+                stored_end = self.replay.append(text + "\n")
             self.add_text(text + "\n")
-            self.replay.append(text + "\n")
-        if interrupted():
-            raise KeyboardInterrupt
-        return self.train_pulse(self.config.steps)
+            return self.pulse(self.config.steps, stored_end)
 
-    def learn_file(self, path: str | os.PathLike) -> float | None:
+    def learn_file(self, path: str | os.PathLike) -> PulseResult:
         """/train: append all of a text file to the history, then train about one pass over it in one pulse."""
         _, n_chars = scan_text_file(path)
         last = "\n"
@@ -685,81 +861,52 @@ class OnlineLearner:
             self.add_text("\n")
             self.replay.append("\n")
         cfg = self.config
-        return self.train_pulse(max(cfg.steps, math.ceil(n_chars / (cfg.batch_size * cfg.context))), progress=True)
+        return self.pulse(max(cfg.steps, math.ceil(n_chars / (cfg.batch_size * cfg.context))))
 
     # --- generation -----------------------------------------------------------------
 
     def generate(self, prefix: str = "", use_cache: bool = True, **settings) -> str:
         """A line starting with prefix, from the EMA weights; settings override temperature/top_k/top_p/gen_tokens.
         The prompt starts with a newline, which is what precedes every line of the history."""
-        cfg = dataclasses.replace(self.config, **settings)
-        sample = lambda logits: sample_token(logits, cfg.temperature, cfg.top_k, cfg.top_p, self.gen_rng)
+        cfg, tokenizer = dataclasses.replace(self.config, **settings), self.state.tokenizer
+        sample = lambda logits: sample_token(logits, cfg.temperature, cfg.top_k, cfg.top_p, self.state.gen_rng)
         with bf16_autocast(self.device):
-            ids = self.ema.model.generate(self.tokenizer.encode("\n" + prefix), cfg.gen_tokens, sample,
-                                          stop_id=self.tokenizer.stoi.get("\n"), use_cache=use_cache)
-        return prefix + self.tokenizer.decode(ids)
+            ids = self.state.ema.model.generate(tokenizer.encode("\n" + prefix), cfg.gen_tokens, sample,
+                                                stop_id=tokenizer.stoi.get("\n"), use_cache=use_cache)
+        return prefix + tokenizer.decode(ids)
 
     # --- checkpoints ----------------------------------------------------------------
 
     def save(self, path: str | os.PathLike | None = None) -> Path:
-        """Atomically write model, EMA, optimizer, step (the LR schedule's state), RNGs, settings and
-        vocabulary; also rewrite dynamic_vocab.json."""
-        path = Path(path or self.checkpoint_path)
-        if path == self.checkpoint_path and path.exists():
-            # keep the last good one: a kill between the two renames leaves the previous file, never none
-            os.replace(path, self.previous_path)
-        atomic_save({"config": dataclasses.asdict(self.config), "vocab": self.tokenizer.chars,
-                     "model": self.model.state_dict(), "ema": self.ema.model.state_dict(),
-                     "optimizer": self.optimizer.state_dict(), "step": self.step,
-                     "data_rng": self.data_rng.get_state(), "gen_rng": self.gen_rng.get_state()}, path)
-        atomic_write_bytes(self.tokenizer.to_json(), self.vocab_path)
-        if path == self.checkpoint_path:  # a copy elsewhere (/save FILE) does not reset the autosave count
-            self.saved_step = self.step
+        """Write everything (atomically; the autosave keeps the one before it); also dynamic_vocab.json."""
+        path = self.store.save(self.state, path)
+        if path == self.store.checkpoint_path:  # a copy elsewhere (/save FILE) does not reset the autosave count
+            self.saved_step = self.state.step
         return path
 
     def load(self, path: str | os.PathLike | None = None) -> None:
         """Replace the whole state by a checkpoint's, whose vocabulary may differ from the current one;
         characters known now but not to the checkpoint are then added so the history stays learnable.
-        On a missing, corrupt or foreign file: ValueError / FileNotFoundError and nothing changes."""
-        path = Path(path or self.checkpoint_path)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # foreign configs: the checks below give the message
-            ckpt, config = load_checkpoint(path, TinyConfig)
-        try:
-            config.check()
-            tokenizer = DynamicTokenizer(ckpt["vocab"])
-            model, ema, optimizer = build_training_state(config, len(tokenizer), self.device)
-            model.load_state_dict(ckpt["model"])
-            ema.model.load_state_dict(ckpt["ema"])
-            optimizer.load_state_dict(ckpt["optimizer"])
-            for p in model.parameters():
-                if "exp_avg" in optimizer.state.get(p, {}) and optimizer.state[p]["exp_avg"].shape != p.shape:
-                    raise ValueError("optimizer state does not match the model")
-            step = int(ckpt["step"])
-            data_rng, gen_rng = torch.Generator(), torch.Generator()
-            data_rng.set_state(ckpt["data_rng"])
-            gen_rng.set_state(ckpt["gen_rng"])
-        except (AttributeError, IndexError, KeyError, TypeError, ValueError, RuntimeError) as exc:
-            detail = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else ""
-            raise ValueError(f"{path}: not a usable TinyGPT checkpoint ({type(exc).__name__}: {detail})") from exc
-        previous_chars = self.tokenizer.chars
-        self.config, self.tokenizer, self.step, self.saved_step = config, tokenizer, step, step
-        self.model, self.ema, self.optimizer = model, ema, optimizer
-        self.data_rng, self.gen_rng = data_rng, gen_rng
-        self.add_text(previous_chars)
-        atomic_write_bytes(self.tokenizer.to_json(), self.vocab_path)
+        On a missing, corrupt or foreign file: FileNotFoundError / ValueError and nothing changes."""
+        self._adopt(TrainingState.from_checkpoint(Path(path or self.store.checkpoint_path), self.device))
+        self.store.write_vocab(self.state.tokenizer)
+
+    def _adopt(self, state: TrainingState) -> None:
+        previous_chars = self.state.tokenizer.chars
+        self.state, self.saved_step = state, state.step
+        self.state.add_chars(previous_chars)
 
     def stats(self) -> str:
-        cfg = self.config
-        n_params = sum(p.numel() for p in self.model.parameters())
-        lr = self.current_lr()
+        cfg, state = self.config, self.state
+        n_params = sum(p.numel() for p in state.model.parameters())
         return "\n".join([
             f"history: {self.replay.size:,} bytes in {self.replay.path} ({len(self.replay.recent):,} cached)",
-            f"vocabulary: {len(self.tokenizer)} tokens ({len(self.tokenizer) - N_SPECIAL} characters + PAD, UNK)",
+            f"vocabulary: {len(state.tokenizer)} tokens ({len(state.tokenizer) - N_SPECIAL} characters + PAD, UNK)",
             f"model: {n_params:,} parameters, context {cfg.context}, d_model {cfg.d_model}, "
             f"{cfg.n_head} heads, {cfg.n_layer} layers, on {self.device}",
-            f"training: {self.step} steps, learning rate now {lr:.2e}",
-            f"settings: temperature {cfg.temperature}, top_k {cfg.top_k}, top_p {cfg.top_p}, steps {cfg.steps}",
+            f"training: {state.step} steps, learning rate now {current_lr(state):.2e}",
+            f"settings: temperature {cfg.temperature}, top_k {cfg.top_k}, top_p {cfg.top_p}, steps {cfg.steps}, "
+            f"batch {cfg.batch_size}",
         ])
 
 # -----------------------------------------------------------------------------
@@ -776,39 +923,62 @@ commands:
   /load [FILE]       load a checkpoint (its vocabulary and settings come with it)
   /stats             history, vocabulary, model and settings
   /help              this text
-  /quit              save and exit (EOF and Ctrl-C save too)"""
+  /quit              save and exit (EOF saves too)
+Ctrl-C during training ends the pulse and saves; at the prompt (or a second time) it saves and exits."""
 
-SETTINGS = {"/temp": ("temperature", float), "/topp": ("top_p", float), "/topk": ("top_k", int), "/steps": ("steps", int)}
+SETTINGS = {"/temp": ("temperature", float), "/topp": ("top_p", float), "/topk": ("top_k", int),
+            "/steps": ("steps", int)}
 
 
-def pulse_report(learner: OnlineLearner, loss: float | None) -> str:
-    if loss is None:
-        return "stored (no training: " + ("the history is empty)" if learner.replay.size == 0 else "--steps is 0)")
-    return f"step {learner.step} | loss {loss:.3f} | sample: {learner.generate()}"
+def is_text_line(line: str) -> bool:
+    """A line to learn, as opposed to a command or a blank line."""
+    return bool(line.strip()) and not line.startswith("/")
+
+
+def error_line(exc: BaseException) -> str:
+    """One line for the user: bad input (ValueError, OSError) by its message, anything else with its type."""
+    return f"error: {exc}" if isinstance(exc, (ValueError, OSError)) else f"error: {type(exc).__name__}: {exc}"
+
+
+def pulse_summary(learner: OnlineLearner, result: PulseResult) -> str:
+    """The line after a pulse: step, loss, steps taken and seconds, then a freshly generated sample line."""
+    step = f"step {learner.state.step}"
+    if result.stopped:
+        return (f"{step} | stopped by Ctrl-C after {result.steps} of {result.planned} steps "
+                f"({result.seconds:.1f} s), saved")
+    if result.loss is None:
+        return "stored (no training: " + ("the history is empty)" if learner.replay.size == 0 else "steps is 0)")
+    return (f"{step} | loss {result.loss:.3f} | {result.steps} steps in {result.seconds:.1f} s "
+            f"| sample: {learner.generate()}")
 
 
 def load_txt(learner: OnlineLearner, path: str) -> None:
-    """Learn a text file line by line with a progress bar, printing a sample every sample_every lines."""
+    """Learn a text file line by line with a progress bar, printing a sample every sample_every lines.
+    A Ctrl-C ends it after the line in training (what was learned is saved)."""
     n_lines, _ = scan_text_file(path)
     every = learner.config.sample_every
     with open(path, encoding="utf-8") as f, tqdm(total=n_lines, unit="line", disable=None) as bar:
         for i, line in enumerate(f, 1):
             line = line.rstrip("\r\n")
             if line.strip():
-                loss = learner.learn_line(line)
-                if every and i % every == 0:
-                    bar.write(f"[{i}/{n_lines}] {pulse_report(learner, loss)}")
+                result = learner.learn_line(line)
+                if result.stopped or (every and i % every == 0):
+                    bar.write(f"[{i}/{n_lines}] {pulse_summary(learner, result)}")
+                if result.stopped:
+                    print(f"stopped {path} after line {i} of {n_lines}")
+                    return
             bar.update()                                # after the line has trained: 100% means done
-    print(f"learned {path}: {n_lines} lines, step {learner.step}, {len(learner.tokenizer)} tokens")
+    print(f"learned {path}: {n_lines} lines, step {learner.state.step}, {len(learner.state.tokenizer)} tokens")
 
 
-def handle_line(learner: OnlineLearner, line: str) -> bool:
-    """Run one REPL line; False means quit. Bad input raises ValueError/OSError with the message."""
+def handle_line(learner: OnlineLearner, line: str, stored_end: int | None = None) -> bool:
+    """Run one REPL line; False means quit. Bad input raises ValueError/OSError with the message.
+    stored_end: where the line reader already stored this text line in the history."""
     line = line.rstrip("\r\n")
     if not line.strip():
         return True
-    if not line.startswith("/"):
-        print(pulse_report(learner, learner.learn_line(line)))
+    if is_text_line(line):
+        print(pulse_summary(learner, learner.learn_line(line, stored_end)))
         return True
     command, _, raw_arg = line.partition(" ")
     command, equals, value = command.partition("=")
@@ -829,15 +999,16 @@ def handle_line(learner: OnlineLearner, line: str) -> bool:
         if command == "/load_txt":
             load_txt(learner, arg)
         else:
-            print(pulse_report(learner, learner.learn_file(arg)))
+            print(pulse_summary(learner, learner.learn_file(arg)))
     elif command == "/gen":
         # the prefix is kept as typed: trailing spaces matter to a character model
-        print(learner.generate(raw_arg) if len(learner.tokenizer) > N_SPECIAL else "(nothing learned yet)")
+        print(learner.generate(raw_arg) if len(learner.state.tokenizer) > N_SPECIAL else "(nothing learned yet)")
     elif command == "/save":
-        print(f"saved {learner.save(arg or None)} (step {learner.step})")
+        print(f"saved {learner.save(arg or None)} (step {learner.state.step})")
     elif command == "/load":
         learner.load(arg or None)
-        print(f"loaded {arg or learner.checkpoint_path} (step {learner.step}, {len(learner.tokenizer)} tokens)")
+        print(f"loaded {arg or learner.store.checkpoint_path} (step {learner.state.step}, "
+              f"{len(learner.state.tokenizer)} tokens)")
     elif command == "/stats":
         print(learner.stats())
     elif command == "/help":
@@ -849,27 +1020,55 @@ def handle_line(learner: OnlineLearner, line: str) -> bool:
     return True
 
 
-def run_repl(learner: OnlineLearner, interactive: bool) -> None:
-    """Read lines until /quit, EOF or Ctrl-C, then autosave. Without a terminal there is no prompt."""
+class LineReader:
+    """Reads input lines on a thread, so that lines typed (or piped) while a pulse runs reach the disk at once:
+    each text line is appended to the history as it arrives, then queued with the byte where it ends for the
+    REPL to learn in turn. A SIGKILL mid-pulse thus loses no line that reached the program."""
+
+    def __init__(self, stream, replay: PersistentReplayText):
+        self.stream, self.replay = stream, replay
+        self.queue: queue.Queue = queue.Queue()
+        threading.Thread(target=self._read, name="line-reader", daemon=True).start()
+
+    def _read(self) -> None:
+        try:
+            for line in iter(self.stream.readline, ""):
+                line = line.rstrip("\r\n")
+                self.queue.put((line, self.replay.append(line + "\n") if is_text_line(line) else None, None))
+        except Exception as exc:  # e.g. the disk is full: the REPL reports it and ends the session
+            self.queue.put(("", None, exc))
+        self.queue.put(None)  # end of input
+
+    def get(self, prompt: str = "") -> tuple[str, int | None]:
+        """The next (line, stored_end), printing prompt first if no line is waiting; EOFError at the end."""
+        if prompt and self.queue.empty():
+            print(prompt, end="", flush=True)
+        item = self.queue.get()
+        if item is None:
+            self.queue.put(None)  # stays at the end for any later get
+            raise EOFError
+        line, stored_end, exc = item
+        if exc is not None:
+            raise exc
+        return line, stored_end
+
+
+def run_repl(learner: OnlineLearner, reader: LineReader, interactive: bool) -> None:
+    """Run input lines until /quit or EOF (Ctrl-C at the prompt raises KeyboardInterrupt). Without a terminal
+    there is no prompt. Errors are reported in one line and the session goes on."""
     if interactive:
         print("TinyGPT learns from every line you type. /help lists the commands.")
-    try:
-        while True:
-            try:
-                line = input("> " if interactive else "")
-            except EOFError:
-                break
-            try:
-                if not handle_line(learner, line):
-                    break
-            except (ValueError, OSError) as exc:
-                print(f"error: {exc}")
-            except Exception as exc:  # anything else (e.g. out of memory): report it, keep the session
-                print(f"error: {type(exc).__name__}: {exc}")
-    except KeyboardInterrupt:
-        print("\ninterrupted")
-    finally:
-        print(f"saved {learner.save()} (step {learner.step})")
+    while True:
+        try:
+            line, stored_end = reader.get("> " if interactive else "")
+        except EOFError:
+            return
+        try:
+            if not handle_line(learner, line, stored_end):
+                return
+        except Exception as exc:  # bad input, or e.g. out of memory: report it, keep the session
+            print(error_line(exc))
+
 
 def lock_data_dir(data_dir: str | os.PathLike):
     """Hold an exclusive lock on DATA_DIR/.lock while this process lives, so two sessions cannot interleave
@@ -887,66 +1086,75 @@ def lock_data_dir(data_dir: str | os.PathLike):
         raise OSError(f"{data_dir}: another tiny_llm_demo.py is using this data directory") from None
     return lock
 
-
-def remove_stale_temp_files(data_dir: str | os.PathLike) -> str | None:
-    """Delete the temp files of saves a killed process never finished (.NAME.*.tmp, from atomic writes).
-    Only safe under the lock: then no save of ours is in flight. Returns a line for the user, or None."""
-    stale = [p for p in Path(data_dir).glob(".*.tmp") if p.is_file()]
-    size = sum(p.stat().st_size for p in stale)
-    for p in stale:
-        p.unlink()
-    return f"removed {len(stale)} temp file(s) ({size / 2**20:.1f} MB) left by an interrupted save" if stale else None
-
 # -----------------------------------------------------------------------------
 # benchmark
 
+BENCH_HISTORY_MB = 200  # the large history of the replay benchmark
 
-def run_bench(config: TinyConfig, device: torch.device) -> None:
-    """Measure, in one run: training step time, generation speed with and without KV cache, and replay
-    sampling time on a 1 MB versus a 200 MB history."""
-    def seconds_per_call(fn, n):
-        return sum(time_calls(fn, device, n)) / n
+
+def bench_cache_dir() -> Path:
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "tiny_llm_demo"
+
+
+def cached_history(text: str, megabytes: int) -> Path:
+    """A history file of about `megabytes` MB of text repeated, written once into the cache folder, then reused."""
+    path = bench_cache_dir() / f"bench_history_{megabytes}mb.bin"
+    block = text.encode()
+    if not path.is_file() or path.stat().st_size < megabytes * 2**20:
+        def write(f):
+            for _ in range(megabytes * 2**20 // len(block) + 1):
+                f.write(block)
+        atomic_write(path, write)
+    return path
+
+
+def run_bench(config: TinyConfig, device: torch.device, history_mb: int = BENCH_HISTORY_MB, repeat: int = 5) -> None:
+    """Measure, in one run: training step time, generation speed with and without the KV cache (medians of
+    `repeat` calls), and replay sampling time on a 1 MB versus a history_mb MB history."""
+    def median_seconds(fn, n):
+        return statistics.median(time_calls(fn, device, n))
 
     rng = random.Random(0)
     alphabet = string.ascii_letters + string.digits + " .,;:!?'-()" + "你好世界"
     lines = ["".join(rng.choices(alphabet, k=rng.randint(20, 120))) for _ in range(14_000)]
     text = "\n".join(lines) + "\n"  # ~1 MB
-    print(f"benchmark on {device} ({torch.get_num_threads()} CPU threads): context {config.context}, d_model {config.d_model}, {config.n_head} heads, "
-          f"{config.n_layer} layers, batch {config.batch_size}")
+    print(f"benchmark on {device} ({torch.get_num_threads()} CPU threads): context {config.context}, "
+          f"d_model {config.d_model}, {config.n_head} heads, {config.n_layer} layers, batch {config.batch_size}; "
+          f"medians of {repeat}")
     with tempfile.TemporaryDirectory() as tmp:
         learner = OnlineLearner(config, Path(tmp) / "small", device)
         learner.add_text(text)
         learner.replay.append(text)
-        step_s = seconds_per_call(learner.train_step, 5)
-        print(f"training step:                 {1000 * step_s:9.1f} ms")
+        state = learner.state
+        step_s = median_seconds(lambda: train_step(state, learner.replay), repeat)
+        print(f"training step:                 {1000 * step_s:9.1f} ms   (pulse of {config.steps} steps: "
+              f"{config.steps * step_s:.2f} s)")
 
         # prompt + output exactly fill the context, so both ways must give the same tokens
-        prompt = learner.tokenizer.encode(text[:min(64, config.context // 2)])
+        prompt = state.tokenizer.encode(text[:min(64, config.context // 2)])
         n_new = config.context - len(prompt)
         greedy = lambda logits: sample_token(logits, 0.0, 0, 1.0, None)
         outputs, speed = {}, {}
         for use_cache in (True, False):
             def run():
-                with learner.autocast():
-                    outputs[use_cache] = learner.ema.model.generate(prompt, n_new, greedy, use_cache=use_cache)
-            speed[use_cache] = n_new / seconds_per_call(run, 1)
+                with bf16_autocast(device):
+                    outputs[use_cache] = state.ema.model.generate(prompt, n_new, greedy, use_cache=use_cache)
+            speed[use_cache] = n_new / median_seconds(run, repeat)
         print(f"generation with KV cache:      {speed[True]:9.1f} tokens/s")
-        print(f"generation without KV cache:   {speed[False]:9.1f} tokens/s   (speedup {speed[True] / speed[False]:.1f}x,"
-              f" {n_new} tokens after a {len(prompt)}-token prompt, same tokens: {outputs[True] == outputs[False]})")
+        print(f"generation without KV cache:   {speed[False]:9.1f} tokens/s   "
+              f"(speedup {speed[True] / speed[False]:.1f}x, {n_new} tokens after a {len(prompt)}-token prompt, "
+              f"same tokens: {outputs[True] == outputs[False]})")
 
-        big_path = Path(tmp) / "big" / "training_data.bin"
-        big_path.parent.mkdir()
-        block = text.encode()
-        with open(big_path, "wb") as f:
-            for _ in range(200 * 2**20 // len(block) + 1):
-                f.write(block)
         timings = {}
-        for name, replay in (("small", learner.replay), ("large", PersistentReplayText(big_path))):
-            sample = lambda: replay.sample_batch(learner.tokenizer, config.batch_size, config.context + 1, learner.data_rng)
-            timings[name] = (replay.size, seconds_per_call(sample, 200))
+        large = PersistentReplayText(cached_history(text, history_mb))
+        for name, replay in (("small", learner.replay), ("large", large)):
+            sample = lambda: replay.sample_batch(state.tokenizer, config.batch_size, config.context + 1, state.data_rng)
+            timings[name] = (replay.size, median_seconds(sample, 200))
+        large.close()
         for name, (size, seconds) in timings.items():
             print(f"replay batch, {size / 2**20:6.1f} MB history: {1000 * seconds:9.2f} ms")
-        print(f"replay large / small:          {timings['large'][1] / timings['small'][1]:9.2f}x")
+        print(f"replay large / small:          {timings['large'][1] / timings['small'][1]:9.2f}x   "
+              f"(large history cached in {bench_cache_dir()})")
 
 # -----------------------------------------------------------------------------
 # command line
@@ -955,7 +1163,8 @@ def run_bench(config: TinyConfig, device: torch.device) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         description="TinyGPT: a character-level language model that learns online from a REPL. "
-                    "Reads commands from stdin (no prompt when it is not a terminal); EOF, /quit and Ctrl-C save.",
+                    "Reads commands from stdin (no prompt when it is not a terminal); EOF and /quit save; "
+                    "Ctrl-C ends a training pulse, and at the prompt saves and exits.",
         epilog=HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data-dir", default="training_data",
                         help="where the history, vocabulary and autosaved checkpoint live (default: training_data)")
@@ -963,7 +1172,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--threads", type=int, default=0,
                         help="CPU threads for torch; 0 keeps torch's default (use 1 on a busy machine)")
     parser.add_argument("--load-txt", metavar="FILE", help="learn FILE line by line, save, and exit")
-    parser.add_argument("--bench", action="store_true", help="print timings of training, generation and replay, then exit")
+    parser.add_argument("--bench", action="store_true",
+                        help="print timings of training, generation and replay, then exit (the replay test's "
+                             f"{BENCH_HISTORY_MB} MB history is written once to ~/.cache/tiny_llm_demo)")
     add_config_flags(parser, TinyConfig)            # only flags actually given override a resumed checkpoint
     return parser
 
@@ -988,46 +1199,48 @@ def main(argv: list[str] | None = None) -> int:
     for stream in (sys.stdin, sys.stdout):
         if stream is not None:  # undecodable bytes in input or a narrow terminal must not crash the REPL
             stream.reconfigure(encoding="utf-8", errors="replace")
-    signal.signal(signal.SIGTERM, raise_keyboard_interrupt)  # a polite kill autosaves, like Ctrl-C
+    STOPS.install()
     try:
         lock = lock_data_dir(args.data_dir)
     except OSError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(error_line(exc), file=sys.stderr)
         return 1
-    if lock is not None and (note := remove_stale_temp_files(args.data_dir)):
-        print(note)
     try:
-        return run_session(config, args, overrides, device)
+        return run_session(config, args, overrides, device, clean_temps=lock is not None)
     finally:
         if lock is not None:
             lock.close()
 
 
-def run_session(config: TinyConfig, args: argparse.Namespace, overrides: dict, device: torch.device) -> int:
-    """Resume the data directory, then the REPL or --load-txt; always autosaves. Returns the exit status."""
+def run_session(config: TinyConfig, args: argparse.Namespace, overrides: dict, device: torch.device,
+                clean_temps: bool) -> int:
+    """Resume the data directory, then the REPL or --load-txt; autosaves at the end. Returns the exit status.
+    clean_temps: remove temp files of interrupted saves (only under the lock)."""
     try:
         learner = OnlineLearner(config, args.data_dir, device)
-        for message in learner.resume(overrides):
-            print(message)
-    except (OSError, ValueError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
-    if args.load_txt is None:
-        run_repl(learner, interactive=sys.stdin is not None and sys.stdin.isatty())
+        if clean_temps and (note := learner.store.remove_stale_temp_files()):
+            print(note)
+        learner.resume(overrides)
+    except KeyboardInterrupt:  # during the recovery training, which saved what it did
+        print("\ninterrupted")
         return 0
+    except (OSError, ValueError) as exc:
+        print(error_line(exc), file=sys.stderr)
+        return 1
     status = 0
     try:
-        load_txt(learner, args.load_txt)
-    except (ValueError, OSError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        status = 1
+        if args.load_txt is None:
+            stdin = sys.stdin or io.StringIO()
+            run_repl(learner, LineReader(stdin, learner.replay), interactive=stdin.isatty())
+        else:
+            load_txt(learner, args.load_txt)
     except KeyboardInterrupt:
         print("\ninterrupted")
-    except Exception as exc:  # e.g. out of memory: one line, and what was learned is still saved
-        print(f"error: {type(exc).__name__}: {exc}", file=sys.stderr)
+    except Exception as exc:  # e.g. a bad --load-txt file, out of memory: one line, and what was learned is saved
+        print(error_line(exc), file=sys.stderr)
         status = 1
     finally:
-        print(f"saved {learner.save()} (step {learner.step})")
+        print(f"saved {learner.save()} (step {learner.state.step})")
     return status
 
 
