@@ -2048,6 +2048,21 @@ class _TinySession:
         assert self.proc.poll() is None, self.seen
 
 
+@pytest.fixture
+def tiny_session():
+    """Start _TinySession(data, *flags) processes; any still running when the test ends (a failed test) are killed."""
+    sessions = []
+
+    def start(*args, **kwargs):
+        sessions.append(_TinySession(*args, **kwargs))
+        return sessions[-1]
+    yield start
+    for session in sessions:
+        if session.proc.poll() is None:
+            session.proc.kill()
+            session.proc.wait()
+
+
 def _wait_for(condition, timeout=30):
     deadline = time.time() + timeout
     while not condition():
@@ -2055,9 +2070,9 @@ def _wait_for(condition, timeout=30):
         time.sleep(0.05)
 
 
-def test_tiny_sigkill_mid_pulse_loses_no_line_queued_behind_it(tmp_path):
+def test_tiny_sigkill_mid_pulse_loses_no_line_queued_behind_it(tmp_path, tiny_session):
     data = tmp_path / "data"
-    session = _TinySession(data)
+    session = tiny_session(data)
     session.start_long_pulse(data, "remember this line", "/save", "and this one ✨ 中文")
     queued = ["typed during the pulse", "/gen ty", "and one more 二"]
     session.send(*queued)                                   # read and stored while the pulse trains
@@ -2076,9 +2091,9 @@ def test_tiny_sigkill_mid_pulse_loses_no_line_queued_behind_it(tmp_path):
 
 
 @pytest.mark.skipif(sys.platform == "win32", reason="SIGINT delivery differs on Windows")
-def test_tiny_ctrl_c_ends_the_pulse_saves_and_returns_to_the_prompt(tmp_path):
+def test_tiny_ctrl_c_ends_the_pulse_saves_and_returns_to_the_prompt(tmp_path, tiny_session):
     data = tmp_path / "data"
-    session = _TinySession(data)
+    session = tiny_session(data)
     session.start_long_pulse(data, "first words", "second words")
     session.proc.send_signal(signal.SIGINT)
     stopped = session.expect(r"^step (\d+) \| stopped by Ctrl-C after (\d+) of 100000 steps")
@@ -2097,9 +2112,9 @@ def test_tiny_ctrl_c_ends_the_pulse_saves_and_returns_to_the_prompt(tmp_path):
     assert (data / "training_data.bin").read_text() == "first words\nsecond words\nthird words\n"
 
 
-def test_tiny_sigterm_mid_pulse_autosaves_and_a_second_session_is_refused(tmp_path):
+def test_tiny_sigterm_mid_pulse_autosaves_and_a_second_session_is_refused(tmp_path, tiny_session):
     data = tmp_path / "data"
-    session = _TinySession(data)
+    session = tiny_session(data)
     session.start_long_pulse(data, "first words", "second words")
     second = _tiny_run(data, "third words\n")  # same data directory while the first one trains
     assert second.returncode == 1 and "another tiny_llm_demo.py is using" in second.stderr
@@ -2209,16 +2224,16 @@ _RECALL = ["the quick brown fox jumps over the lazy dog", "my favourite colour i
            "paris is the capital city of france", "我们今天下午三点在图书馆见面", "seven times eight equals fifty six"]
 
 
-def test_tiny_default_model_recalls_five_taught_sentences_within_four_rounds(tmp_path):
+def test_tiny_default_model_recalls_five_taught_sentences_within_four_rounds(tmp_path, tiny_session):
     """As a user sees it: the default configuration (only --threads 2), each sentence typed once per round (one
     pulse each), then recalled greedily from its first 5 characters."""
-    s = _TinySession(tmp_path / "data", "--threads", "2", defaults=())
+    s = tiny_session(tmp_path / "data", "--threads", "2", defaults=())
     s.send("/temp=0")
     recalled = []
     for round_ in range(1, 5):
         for sentence in _RECALL:
             s.send(sentence)
-            s.expect(r"^step \d+ \| loss [\d.]+ \| 20 steps in", timeout=120)
+            s.expect(r"^step \d+ \| loss [\d.]+ \| 14 steps in", timeout=120)
         s.send(*(f"/gen {sentence[:5]}" for sentence in _RECALL))
         recalled.append(sum(s.expect(r"^" + re.escape(sentence[:5])).string == sentence for sentence in _RECALL))
         if recalled[-1] == 5:
