@@ -18,6 +18,7 @@ router, capital), the model, data, training, CLI.
 """
 
 import argparse
+import copy
 import dataclasses
 import functools
 import glob
@@ -1698,6 +1699,27 @@ def generate(model: CaMoE_System, prompt: list[int], sampling: Sampling, decode,
     return dict(ids=ids, text=text, routes=routes, tokens_per_s=len(ids) / max(seconds, 1e-9))
 
 
+@torch.no_grad()
+def chat_turn(model: CaMoE_System, vocab: "Vocab", state: list, message: str, sampling: Sampling) -> tuple[dict, list]:
+    """One exchange: the reply to message (generate's dict) and the conversation's state after it. That state
+    holds the transcript as shown, "User: message\n\nAssistant:" + the reply + a blank line, rebuilt from the
+    state before the turn: decoding feeds tokens past a stop string's cut (e.g. the next "User:"), and a
+    reply cut at max_new_tokens has no separator, and the next turn must start from neither."""
+    turn = vocab.encode(f"User: {message}\n\nAssistant:")
+    before = [copy.deepcopy(layer) for layer in state]
+    result = generate(model, turn, sampling, vocab.decode, state=state, stop_id=vocab.eot)
+    kept = len(result["ids"])
+    while kept and len(vocab.decode(result["ids"][:kept])) > len(result["text"]):  # tokens before the cut
+        kept -= 1
+    try:
+        separator = vocab.encode("\n\n")
+    except ValueError:  # a compact vocabulary without it: the reply is followed directly by the next turn
+        separator = []
+    transcript = turn + result["ids"][:kept] + separator
+    model(torch.tensor([transcript], device=next(model.parameters()).device), state=before)
+    return result, before
+
+
 def routing_view(pieces: list[str], routes: list[list[bool]], color: bool) -> str:
     """Per generated token a line: the token, then one letter per layer, R (only RWKV experts won it) or T (a
     transformer expert did), T in colour on a terminal; then per layer the share of tokens sent to a
@@ -1768,11 +1790,10 @@ def run_generate(argv: list[str], chat: bool) -> None:
         if not line:
             return
         try:
-            turn = vocab.encode(f"User: {line}\n\nAssistant:")
+            result, state = chat_turn(model, vocab, state, line, sampling)
         except ValueError as exc:  # one bad message does not end the conversation
             print(f"camoe: {exc}")
             continue
-        result = generate(model, turn, sampling, vocab.decode, state=state, stop_id=vocab.eot)
         print("Assistant:" + result["text"] + f"\n[{len(result['ids'])} tokens, {result['tokens_per_s']:.1f}/s]")
         if not args.no_routing:
             print(routing_view([vocab.decode([i]) for i in result["ids"]], result["routes"], color).splitlines()[-1])

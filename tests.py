@@ -1276,6 +1276,22 @@ def test_camoe_generate_and_chat_show_routing_and_speed(tmp_path, capsys, monkey
     logits = torch.tensor([2.0, -2.0, 1.0])
     assert camoe.penalise_repeats(logits, [0, 1], 2.0).tolist() == [1.0, -4.0, 1.0]
 
+    # a chat turn leaves the transcript as shown in the state: not the tokens decoded past a stop string's cut
+    plain, _ = camoe.chat_turn(model, vocab, [], "market", camoe.Sampling(max_new_tokens=8, temperature=0))
+    stop = vocab.decode(plain["ids"][3:5])
+    result, state = camoe.chat_turn(model, vocab, [], "market", camoe.Sampling(max_new_tokens=8, temperature=0,
+                                                                               stop=[stop]))
+    assert stop not in result["text"] and plain["text"].startswith(result["text"])
+    kept = next(k for k in range(len(result["ids"]), -1, -1)
+                if len(vocab.decode(result["ids"][:k])) <= len(result["text"]))
+    transcript = vocab.encode("User: market\n\nAssistant:") + result["ids"][:kept] + vocab.encode("\n\n")
+    probe = vocab.encode("User:")
+    with torch.no_grad():
+        carried = model(torch.tensor([probe]), state=state)[0][0, -1]
+        whole = model(torch.tensor([transcript + probe]))[0][0, -1]
+    torch.testing.assert_close(carried, whole, rtol=1e-4, atol=1e-4)
+    assert kept < len(result["ids"])  # the stop string was decoded, then cut: the state must not hold it
+
     answers = iter(["\u4e2d\u6587", "market price", ""])  # a message it cannot encode, then one it can
     monkeypatch.setattr("builtins.input", lambda prompt: next(answers))
     camoe.main(["chat", "--ckpt", str(out / "ckpt.pt"), "--max-new-tokens", "4", "--temperature", "0"])
