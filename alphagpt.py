@@ -11,6 +11,8 @@ fees, price impact and a drawdown penalty; REINFORCE pushes the policy towards h
     python alphagpt.py                                   # no DB configured: synthetic market, CPU, ~minutes
     python alphagpt.py --db postgresql://u@host/db --init-db --seed-synthetic   # create schema, fill it
     python alphagpt.py --db postgresql://u@host/db --ingest candles.csv         # COPY-load OHLCV (idempotent)
+    python alphagpt.py --db postgresql://u@host/db --ingest fixed.csv --upsert  # replace stored rows it corrects
+    python alphagpt.py --db postgresql://u@host/db --liquidity dollar_volume    # a market without liquidity data
     python alphagpt.py --db postgresql://u@host/db --limit-tokens 200           # train on the database
     python alphagpt.py --eval-formula out_alphagpt/best_meme_strategy.json       # score a saved formula
     python alphagpt.py --bench                           # formulas/s batched vs one by one; COPY vs fetchall
@@ -65,6 +67,7 @@ class AlphaConfig:
     trade_size_usd: float = 1000.0
     min_liquidity: float = 5000.0
     base_fee: float = 0.005
+    liquidity: str = "column"         # the liquidity traded against: column, unlimited, dollar_volume or a USD number
     # search
     batch_size: int = 256
     train_steps: int = 200
@@ -102,6 +105,8 @@ class AlphaConfig:
             (0 < self.test_frac < 1, "--test-frac must be in (0, 1)"),
             (self.trade_size_usd > 0 and self.min_liquidity >= 0 and self.base_fee >= 0,
              "--trade-size-usd must be > 0, --min-liquidity and --base-fee >= 0"),
+            (self.liquidity in LIQUIDITY_MODELS or liquidity_constant(self.liquidity) is not None,
+             f"--liquidity must be one of {', '.join(LIQUIDITY_MODELS)} or a number of USD >= 0"),
             (self.batch_size >= 2, "--batch-size must be >= 2 (advantages are normalised over the batch)"),
             (self.train_steps >= 0 and self.max_formula_len >= 1 and self.eval_chunk >= 1,
              "--train-steps must be >= 0, --max-formula-len and --eval-chunk >= 1"),
@@ -133,6 +138,10 @@ FIELD_HELP = {
     "trade_size_usd": "trade size in USD; price impact = trade size / liquidity, capped at 5%%",
     "min_liquidity": "no position while a token's liquidity is at or below this (USD)",
     "base_fee": "fee per side as a fraction of the trade",
+    "liquidity": "the liquidity (USD) the backtest trades against, for its gate and price impact: column (the "
+                 "data's liquidity column, as on a DEX), unlimited (no gate, no impact: fees only), dollar_volume "
+                 "(the trailing 60-bar mean of close x volume, for markets without a liquidity column) or a number "
+                 "(that many USD on every bar); the LIQ / LIQ_CHG features always read the column",
     "batch_size": "formulas sampled per training step",
     "train_steps": "policy-gradient steps",
     "max_formula_len": "maximum tokens per formula",
@@ -184,19 +193,26 @@ def resolve_dsn(cfg: AlphaConfig) -> str:
     return make_dsn(**{k: v for k, v in parts.items() if v})
 
 
+def escape_uri_password(dsn: str) -> str:
+    """A URI whose password holds a raw '@' (postgresql://u:p@ss@host/db) with those escaped as %40: the last
+    '@' before the host ends the password, where libpq stops at the first one and takes 'ss@host' as the host."""
+    match = re.match(r"(postgres(?:ql)?://)([^/?#\s]*)@", dsn)       # greedy: up to the authority's last '@'
+    return dsn if match is None else match[1] + match[2].replace("@", "%40") + dsn[match.end() - 1:]
+
+
 def _parse_dsn(dsn: str) -> dict:
     """The DSN's keywords, or {} when it does not parse (or psycopg2 is missing)."""
     try:
         from psycopg2.extensions import parse_dsn
-        return parse_dsn(dsn)
+        return parse_dsn(escape_uri_password(dsn))
     except Exception:
         return {}
 
 
 def mask_secret(text: str, dsn: str = "") -> str:
-    """text with passwords replaced by ***: the URI / key=value spellings, the DSN's password verbatim and
-    the DB_PASSWORD variable's value."""
-    text = re.sub(r"(://[^:/@\s]*:)[^@\s]*@", r"\1***@", text)
+    """text with passwords replaced by ***: the URI spelling (user:password@ up to the last '@' before the
+    host), the key=value spelling, the DSN's password verbatim and the DB_PASSWORD variable's value."""
+    text = re.sub(r"(://[^:/@\s]*:)[^/?#\s]*@", r"\1***@", text)
     text = re.sub(r"(password\s*=\s*)('(?:[^'\\]|\\.)*'|\S+)", r"\1***", text, flags=re.IGNORECASE)
     for password in (_parse_dsn(dsn).get("password"), os.environ.get("DB_PASSWORD")):
         if password:
@@ -220,7 +236,7 @@ def connect(dsn: str):
     except ImportError as exc:
         raise AlphaError("psycopg2 is not installed (pip install psycopg2-binary)") from exc
     try:
-        conn = psycopg2.connect(dsn, connect_timeout=10)
+        conn = psycopg2.connect(escape_uri_password(dsn), connect_timeout=10)
     except psycopg2.Error as exc:
         reason = " ".join(str(exc).split())
         raise AlphaError(f"cannot connect to Postgres at {mask_secret(dsn, dsn)}: {mask_secret(reason, dsn)}") \
@@ -322,6 +338,19 @@ def robust_norm(x: torch.Tensor, window: int = 60) -> torch.Tensor:
     return torch.cat(out)
 
 
+RAW_REQUIRED = ("open", "high", "low", "close", "volume")
+
+
+def complete_raw(raw: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """raw with each absent optional field (liquidity, fdv, buy_volume, sell_volume) as zeros, which is what a
+    cleaned frame holds where the column was NULL; one clear error when a price or the volume is absent."""
+    missing = [f for f in RAW_REQUIRED if f not in raw]
+    if missing:
+        raise AlphaError(f"compute_features needs (N, T) tensors {', '.join(RAW_REQUIRED)}; missing {missing}")
+    zeros = torch.zeros_like(raw["close"])
+    return {f: raw.get(f, zeros) for f in FIELDS}
+
+
 def _log_ret(c: torch.Tensor) -> torch.Tensor:
     prev = torch.cat([c[:, :1], c[:, :-1]], dim=1)
     return torch.log(c / prev)
@@ -337,7 +366,8 @@ class FeatureEngineer:
         """raw: (N, T) tensors -> (6, N, T).
         RET = rn(log c_t/c_{t-1}); LIQ = clamp(4 liq/fdv, 0, 1); PRESSURE = tanh(3 (c-o)/(h-l));
         FOMO = rn(clamp(dchg, +-5)) with chg = v_t/(v_{t-1}+1) - 1 and dchg its change;
-        DEV = rn((c - MA20)/MA20); VOL = rn(log1p v).  rn = causal robust_norm."""
+        DEV = rn((c - MA20)/MA20); VOL = rn(log1p v).  rn = causal robust_norm. Without liquidity / fdv LIQ is 0."""
+        raw = complete_raw(raw)
         o, h, l, c, v = raw["open"], raw["high"], raw["low"], raw["close"], raw["volume"]
         ret = robust_norm(_log_ret(c))
         liq = torch.where(raw["fdv"] > 0, 4 * raw["liquidity"] / raw["fdv"].clamp(min=1e-9),
@@ -360,15 +390,20 @@ class AdvancedFactorEngineer:
     @staticmethod
     def compute_features(raw: dict[str, torch.Tensor]) -> torch.Tensor:
         """raw: (N, T) tensors -> (12, N, T).  MOM10 = rn(log c_t/c_{t-10}); RVOL20 = rn(std of log returns,
-        20 bars); FLOW = (buy - sell)/(buy + sell); LIQ_CHG = rn(log liq_t/liq_{t-1}); RANGE = rn(log h/l);
+        20 bars); FLOW = (buy - sell)/(buy + sell), and on bars without a buy/sell split (columns absent or both
+        0) the bulk-volume estimate 2 Phi(r / sigma) - 1 of the log return r over its 20-bar std sigma;
+        LIQ_CHG = rn(log liq_t/liq_{t-1}) (0 without liquidity); RANGE = rn(log h/l);
         CLOSE_POS = 2 (c - l)/(h - l) - 1."""
+        raw = complete_raw(raw)
         base = FeatureEngineer.compute_features(raw)
         h, l, c = raw["high"], raw["low"], raw["close"]
         c10 = torch.cat([c[:, :1].expand(-1, 10), c], dim=1)[:, : c.shape[1]]
         mom = robust_norm(torch.log(c / c10))
-        _, rv = rolling_mean_std(_log_ret(c), 20)
+        ret = _log_ret(c)
+        _, rv = rolling_mean_std(ret, 20)
         buy, sell = raw["buy_volume"], raw["sell_volume"]
-        flow = (buy - sell) / (buy + sell + 1e-9)
+        bulk = torch.erf(ret / (rv * math.sqrt(2) + 1e-12))             # 2 Phi(r / sigma) - 1
+        flow = torch.where(buy + sell > 0, (buy - sell) / (buy + sell + 1e-9), bulk)
         liq = raw["liquidity"].clamp(min=1.0)
         liq_chg = robust_norm(_log_ret(liq))
         rng = robust_norm(torch.log(h / l.clamp(min=1e-12)))
@@ -459,8 +494,10 @@ class StackVM:
     """Executes postfix formulas: a feature token pushes its (N, T) slice, an operator pops `arity` values and
     pushes its result (nan -> 0, clipped to +-VALUE_CLIP). Unbalanced stacks and illegal tokens give None."""
 
-    def __init__(self, vocab: FormulaVocab):
-        self.vocab = vocab
+    def __init__(self, vocab: FormulaVocab | None = None):
+        """vocab None: the seed's VM over the basic features, feature tokens 0..FeatureEngineer.INPUT_DIM - 1,
+        then one token per operator in OPS_CONFIG order."""
+        self.vocab = vocab = FormulaVocab(FeatureEngineer.NAMES) if vocab is None else vocab
         self.feat_offset = vocab.n_feat
         self.ops = [(fn, arity, name not in CLOSED_OPS) for name, fn, arity in OPS_CONFIG]   # (fn, arity, clean?)
 
@@ -850,6 +887,27 @@ def clean_market(frame: MarketFrame, n_dupes: int = 0) -> tuple[MarketFrame, str
     return cleaned, report
 
 
+LIQUIDITY_MODELS = ("column", "unlimited", "dollar_volume")
+
+
+def liquidity_constant(spec: str) -> float | None:
+    """The USD value of --liquidity NUMBER; None for a model name or a bad value."""
+    try:
+        value = float(spec)
+    except ValueError:
+        return None
+    return value if math.isfinite(value) and value >= 0 else None
+
+
+def model_liquidity(raw: dict[str, torch.Tensor], spec: str) -> torch.Tensor:
+    """(N, T) liquidity the backtest trades against, by --liquidity (see FIELD_HELP); causal like the features."""
+    if spec == "column":
+        return raw["liquidity"]
+    if spec == "dollar_volume":
+        return rolling_mean_std(raw["close"] * raw["volume"], 60)[0]
+    return torch.full_like(raw["close"], math.inf if spec == "unlimited" else liquidity_constant(spec))
+
+
 @dataclass
 class MarketData:
     """What the search needs, on the device: features, liquidity and the target return."""
@@ -868,14 +926,38 @@ class MarketData:
                           target, self.feature_names, self.symbols)
 
 
-def build_market_data(frame: MarketFrame, factors: str, device: torch.device) -> MarketData:
+def build_market_data(frame: MarketFrame, factors: str, device: torch.device, liquidity: str = "column") -> MarketData:
     engineer = FACTOR_SETS[factors]
     raw = {name: torch.from_numpy(frame.values[i]).to(device) for i, name in enumerate(FIELDS)}
     feat = clean_values(engineer.compute_features(raw))
     o = raw["open"].double()
     target = torch.zeros_like(raw["open"])
     target[:, :-2] = torch.log(o[:, 2:] / o[:, 1:-1]).float()
-    return MarketData(feat, raw["liquidity"], torch.nan_to_num(target), list(engineer.NAMES), frame.symbols)
+    return MarketData(feat, model_liquidity(raw, liquidity), torch.nan_to_num(target), list(engineer.NAMES),
+                      frame.symbols)
+
+
+def refuse_unlearnable(frame: MarketFrame, data: MarketData, train: MarketData, cfg: AlphaConfig) -> None:
+    """One AlphaError, before any training, for data on which formulas cannot be told apart: no tradable bar in
+    the training part, or features constant over the whole market because a column they read is (close, volume,
+    and with --liquidity column also liquidity and fdv: e.g. the public version's liquidity and fdv written as 0).
+    A feature constant for other reasons (LIQ clamped at 1 on a small market) is legitimate data and kept."""
+    flat = data.feat.flatten(1)
+    features = [name for name, lo, hi in zip(data.feature_names, flat.amin(1).tolist(), flat.amax(1).tolist())
+                if lo == hi]
+    read = ["close", "volume"] + (["liquidity", "fdv"] if cfg.liquidity == "column" else [])
+    columns = [f"{c} = {frame.field(c).min():g}" for c in read if frame.field(c).min() == frame.field(c).max()]
+    problems = []
+    if features and columns:
+        problems.append(f"columns constant over the whole market ({', '.join(columns)}) make features constant "
+                        f"({', '.join(features)}): fill them in the data")
+    if not (train.liquidity > cfg.min_liquidity).any():
+        problems.append(f"no bar of the training part is tradable: liquidity <= --min-liquidity "
+                        f"{cfg.min_liquidity:g} everywhere (max {train.liquidity.max().item():g})")
+    hint = (" (for a market without liquidity data choose --liquidity unlimited, dollar_volume or a USD number)"
+            if cfg.liquidity == "column" else "")
+    if problems:
+        raise AlphaError("cannot learn on this data: " + "; ".join(problems) + hint)
 
 
 # -----------------------------------------------------------------------------
@@ -909,14 +991,21 @@ def init_schema(conn, schema: str) -> None:
     conn.commit()
 
 
-def ingest_csv(conn, schema: str, source, label: str) -> tuple[int, int]:
-    """COPY a CSV (header: address,time,open,high,low,close[,volume,liquidity,fdv,buy_volume,sell_volume,symbol];
-    time as ISO 8601, UTC unless it says otherwise) into a temp staging table, then INSERT ... ON CONFLICT
-    (address, time) DO NOTHING into ohlcv, so re-running adds no duplicates. New tokens are added to `tokens`
-    with the file's mean liquidity. A bad row fails the whole file with one message naming its line.
-    Returns (rows in the file, rows inserted)."""
-    import psycopg2
-    from psycopg2 import sql
+# --ingest time spellings: ISO 8601 only (01/02/2024 is 2 January or 1 February depending on the locale), or
+# unix epochs with an explicit unit. name: (pattern of the text, SQL turning it into timestamptz, what is expected)
+ISO_TIME = (r"^\d{4}-(0[1-9]|1[0-2])-(0[1-9]|[12]\d|3[01])"
+            r"([T ]([01]\d|2[0-3]):[0-5]\d(:[0-5]\d(\.\d+)?)?(Z|[+-]([01]\d|2[0-3])(:?[0-5]\d)?)?)?$")
+EPOCH = r"^-?\d+(\.\d+)?$"
+TIME_FORMATS = {
+    "iso": (ISO_TIME, "time::timestamptz", "an ISO 8601 time like 2024-01-31T09:30:00Z (UTC unless it gives an "
+                                           "offset); for unix epochs pass --time-format unix_s or unix_ms"),
+    "unix_s": (EPOCH, "to_timestamp(time::float8)", "unix seconds (--time-format unix_s)"),
+    "unix_ms": (EPOCH, "to_timestamp(time::float8 / 1000)", "unix milliseconds (--time-format unix_ms)"),
+}
+EPOCH_RANGE = ("1971-01-01", "2200-01-01")   # an epoch outside this is almost surely in the other unit
+
+
+def _csv_header(source, label: str) -> list[str]:
     header_line = source.readline()
     header = [h.strip().lower() for h in header_line.lstrip("\ufeff").strip().split(",")]
     allowed = set(OHLCV_COLUMNS) | {"symbol"}
@@ -926,30 +1015,117 @@ def ingest_csv(conn, schema: str, source, label: str) -> tuple[int, int]:
         raise AlphaError(f"{label}: bad header {header_line.strip()!r}: needs {', '.join(CSV_REQUIRED)}; may add "
                          f"{', '.join(sorted(allowed - set(CSV_REQUIRED)))}"
                          + (f"; unknown {unknown}" if unknown else "") + (f"; missing {missing}" if missing else ""))
+    return header
+
+
+def _stage_csv(cur, source, label: str, header: list[str], time_format: str) -> None:
+    """COPY the rows into temp table alphagpt_stage (column line: the row's line in the file), then check and
+    convert the time column (text until then, so that only the chosen spelling is accepted)."""
+    import psycopg2
+    from psycopg2 import sql
+    pattern, to_time, expected = TIME_FORMATS[time_format]
     value_cols = ", ".join(f"{f} DOUBLE PRECISION" + (" NOT NULL" if f in PRICE_FIELDS else "") for f in FIELDS)
+    cur.execute("CREATE TEMP TABLE alphagpt_stage (line BIGINT GENERATED ALWAYS AS IDENTITY (START 2), address "
+                "TEXT NOT NULL, time TEXT NOT NULL, " + value_cols + ", symbol TEXT) ON COMMIT DROP")
     cols = sql.SQL(", ").join(map(sql.Identifier, header))
-    with conn.cursor() as cur:
-        try:
-            cur.execute("CREATE TEMP TABLE alphagpt_stage (address TEXT NOT NULL, time TIMESTAMPTZ NOT NULL, "
-                        + value_cols + ", symbol TEXT) ON COMMIT DROP")
-            cur.copy_expert(sql.SQL("COPY alphagpt_stage ({}) FROM STDIN WITH (FORMAT csv)").format(cols), source)
-        except psycopg2.Error as exc:
-            conn.rollback()
-            where = re.search(r"line (\d+)(?:, column (\w+))?", exc.diag.context or "")
-            at = f"line {int(where[1]) + 1}" + (f", column {where[2]}" if where[2] else "") if where else "COPY"
-            raise AlphaError(f"{label}: bad row at {at}: {exc.diag.message_primary}; nothing was loaded") from None
-        cur.execute("SELECT count(*) FROM alphagpt_stage")
-        n_rows = cur.fetchone()[0]
-        cur.execute(_sql("INSERT INTO {s}.tokens (address, symbol, liquidity) SELECT address, max(symbol), "
-                         "avg(liquidity) FROM alphagpt_stage GROUP BY address ON CONFLICT (address) DO UPDATE SET "
-                         "symbol = COALESCE(EXCLUDED.symbol, tokens.symbol), "
-                         "liquidity = COALESCE(EXCLUDED.liquidity, tokens.liquidity), last_updated = now()", schema))
-        fields = ", ".join(OHLCV_COLUMNS)
-        cur.execute(_sql(f"INSERT INTO {{s}}.ohlcv ({fields}) SELECT DISTINCT ON (address, time) {fields} "
-                         "FROM alphagpt_stage ORDER BY address, time ON CONFLICT (address, time) DO NOTHING", schema))
-        n_inserted = cur.rowcount
+    try:
+        cur.copy_expert(sql.SQL("COPY alphagpt_stage ({}) FROM STDIN WITH (FORMAT csv)").format(cols), source)
+    except psycopg2.Error as exc:
+        where = re.search(r"line (\d+)(?:, column (\w+))?", exc.diag.context or "")
+        at = f"line {int(where[1]) + 1}" + (f", column {where[2]}" if where[2] else "") if where else "COPY"
+        raise AlphaError(f"{label}: bad row at {at}: {exc.diag.message_primary}; nothing was loaded") from None
+    cur.execute("SELECT line, time FROM alphagpt_stage WHERE time !~ %s ORDER BY line LIMIT 1", (pattern,))
+    bad = cur.fetchone()
+    if bad:
+        raise AlphaError(f"{label}: bad row at line {bad[0]}, column time: {bad[1]!r} is not {expected}; "
+                         "nothing was loaded")
+    try:
+        cur.execute(f"ALTER TABLE alphagpt_stage ALTER COLUMN time TYPE TIMESTAMPTZ USING {to_time}")
+    except psycopg2.DataError as exc:
+        raise AlphaError(f"{label}: bad time: {exc.diag.message_primary}; nothing was loaded") from None
+    if time_format != "iso":
+        cur.execute("SELECT line FROM alphagpt_stage WHERE time NOT BETWEEN %s AND %s ORDER BY line LIMIT 1",
+                    EPOCH_RANGE)
+        bad = cur.fetchone()
+        if bad:
+            raise AlphaError(f"{label}: line {bad[0]}: the time as {time_format} falls outside {EPOCH_RANGE[0]} .. "
+                             f"{EPOCH_RANGE[1]}: wrong --time-format?; nothing was loaded")
+
+
+def _check_staged(cur, schema: str, label: str, fields: list[str], upsert: bool) -> None:
+    """Refuse the staged file (nothing is loaded) when prices break the OHLC rules, when it gives one
+    (address, time) different values, or, unless upsert, when it differs from rows already stored."""
+    finite = " AND ".join(f"abs({f}) < 'Infinity'" for f in PRICE_FIELDS)   # NaN / Inf: cleaned (and counted) later
+    rules = {"a price <= 0": " OR ".join(f"{f} <= 0" for f in PRICE_FIELDS),
+             "high < max(open, close)": f"high < greatest(open, close) AND {finite}",
+             "low > min(open, close)": f"low > least(open, close) AND {finite}"}
+    any_rule = " OR ".join(f"({r})" for r in rules.values())
+    cur.execute("SELECT " + ", ".join(f"count(*) FILTER (WHERE {r})" for r in rules.values())
+                + f", count(*) FILTER (WHERE {any_rule}), min(line) FILTER (WHERE {any_rule}) FROM alphagpt_stage")
+    *counts, n_bad, first = cur.fetchone()
+    if n_bad:
+        per_rule = ", ".join(f"{n} with {rule}" for rule, n in zip(rules, counts))
+        raise AlphaError(f"{label}: {n_bad} rows break the OHLC rules (first at line {first}): {per_rule}; "
+                         "nothing was loaded")
+    def differ(a: str, b: str) -> str:       # SQL: rows a and b differ in the file's value columns (NULL-safe)
+        return f"({', '.join(a + '.' + f for f in fields)}) IS DISTINCT FROM ({', '.join(b + '.' + f for f in fields)})"
+
+    cur.execute(f"WITH c AS (SELECT a.line AS first, b.line AS second, a.address, a.time FROM alphagpt_stage a "
+                f"JOIN alphagpt_stage b ON a.address = b.address AND a.time = b.time AND a.line < b.line "
+                f"WHERE {differ('a', 'b')}) SELECT (SELECT count(DISTINCT (address, time)) FROM c), * FROM c "
+                "ORDER BY second, first LIMIT 1")
+    clash = cur.fetchone()
+    if clash:
+        raise AlphaError(f"{label}: {clash[0]} (address, time) pairs have rows with different values (first: "
+                         f"{clash[3]} at {clash[4].isoformat()}, lines {clash[1]} and {clash[2]}); keep one row per "
+                         "pair; nothing was loaded")
+    if upsert:
+        return
+    cur.execute(_sql(f"SELECT count(*) OVER (), s.line, s.address, s.time FROM alphagpt_stage s JOIN {{s}}.ohlcv o "
+                     f"USING (address, time) WHERE {differ('s', 'o')} ORDER BY s.line LIMIT 1", schema))
+    clash = cur.fetchone()
+    if clash:
+        raise AlphaError(f"{label}: {clash[0]} rows differ from the stored row of their (address, time) (first: "
+                         f"line {clash[1]}, {clash[2]} at {clash[3].isoformat()}); nothing was loaded; pass "
+                         "--upsert to replace the stored values with the file's")
+
+
+def ingest_csv(conn, schema: str, source, label: str, upsert: bool = False,
+               time_format: str = "iso") -> tuple[int, int]:
+    """COPY a CSV (header: address,time,open,high,low,close[,volume,liquidity,fdv,buy_volume,sell_volume,symbol];
+    time as in TIME_FORMATS) into a temp staging table, check it (_check_staged), then INSERT ... ON CONFLICT
+    (address, time) into ohlcv: rows already stored with the same values are skipped, so re-running adds no
+    duplicates; with upsert, stored rows are overwritten in the file's columns. New tokens are added to `tokens`
+    with the file's mean liquidity. A bad row or a failed check loads nothing and is one message naming a line.
+    Returns (rows in the file, rows inserted or, with upsert, inserted or updated)."""
+    import psycopg2
+    header = _csv_header(source, label)
+    fields = [f for f in FIELDS if f in header]
+    try:
+        with conn.cursor() as cur:
+            _stage_csv(cur, source, label, header, time_format)
+            _check_staged(cur, schema, label, fields, upsert)
+            cur.execute("SELECT count(*) FROM alphagpt_stage")
+            n_rows = cur.fetchone()[0]
+            cur.execute(_sql("INSERT INTO {s}.tokens (address, symbol, liquidity) SELECT address, max(symbol), "
+                             "avg(liquidity) FROM alphagpt_stage GROUP BY address ON CONFLICT (address) DO UPDATE "
+                             "SET symbol = COALESCE(EXCLUDED.symbol, tokens.symbol), "
+                             "liquidity = COALESCE(EXCLUDED.liquidity, tokens.liquidity), last_updated = now()",
+                             schema))
+            columns = ", ".join(["address", "time"] + fields)
+            excluded = ", ".join("EXCLUDED." + f for f in fields)
+            on_conflict = "DO NOTHING" if not upsert else (
+                f"DO UPDATE SET ({', '.join(fields)}) = ROW({excluded}) WHERE "
+                f"({', '.join('ohlcv.' + f for f in fields)}) IS DISTINCT FROM ({excluded})")
+            cur.execute(_sql(f"INSERT INTO {{s}}.ohlcv ({columns}) SELECT DISTINCT ON (address, time) {columns} "
+                             f"FROM alphagpt_stage ORDER BY address, time ON CONFLICT (address, time) {on_conflict}",
+                             schema))
+            n_written = cur.rowcount
+    except (AlphaError, psycopg2.Error):
+        conn.rollback()
+        raise
     conn.commit()
-    return n_rows, n_inserted
+    return n_rows, n_written
 
 
 def frame_to_csv(frame: MarketFrame) -> io.StringIO:
@@ -1160,12 +1336,13 @@ class AlphaEngine:
         self.device = pick_device(cfg.device)
         if cfg.factors not in FACTOR_SETS:
             raise AlphaError(f"unknown --factors {cfg.factors!r}: expected one of {sorted(FACTOR_SETS)}")
-        data = build_market_data(frame, cfg.factors, self.device)
+        data = build_market_data(frame, cfg.factors, self.device, cfg.liquidity)
         T = data.feat.shape[-1]
         split = int(round(T * (1 - cfg.test_frac)))
         if split < 20 or T - split < 20:
             raise AlphaError(f"cannot split {T} bars with --test-frac {cfg.test_frac}: each part needs >= 20 bars")
         self.data, self.train_data, self.test_data = data, data.split(0, split), data.split(split, T)
+        refuse_unlearnable(frame, data, self.train_data, cfg)
         self.vocab = FormulaVocab(data.feature_names)
         self.vm = StackVM(self.vocab)
         self.backtest = MemeBacktest(cfg.trade_size_usd, cfg.min_liquidity, cfg.base_fee)
@@ -1385,10 +1562,19 @@ def build_parser() -> argparse.ArgumentParser:
                     "to --out-dir.",
         epilog="Modes: plain run = train; --init-db / --ingest / --seed-synthetic write to the database; "
                "--eval-formula and --bench only read. CSV for --ingest: header address,time,open,high,low,close"
-               "[,volume,liquidity,fdv,buy_volume,sell_volume,symbol], time in ISO 8601 (UTC unless it says "
-               "otherwise); re-running it adds no duplicates.")
+               "[,volume,liquidity,fdv,buy_volume,sell_volume,symbol], time as --time-format says; re-running it "
+               "adds no duplicates.")
     parser.add_argument("--init-db", action="store_true", help="create the schema, tables and indexes, then exit")
-    parser.add_argument("--ingest", metavar="FILE.csv", help="COPY-load OHLCV rows from a CSV (idempotent), then exit")
+    parser.add_argument("--ingest", metavar="FILE.csv", help="COPY-load OHLCV rows from a CSV (idempotent), then exit; "
+                        "refused, with nothing loaded, when prices break high >= max(open, close) >= min(open, close) "
+                        ">= low > 0, when the file gives one (address, time) different values, or when it differs "
+                        "from rows already stored (see --upsert)")
+    parser.add_argument("--upsert", action="store_true", help="with --ingest: replace stored rows that the file "
+                        "gives other values (corrected data), in the file's columns")
+    parser.add_argument("--time-format", choices=sorted(TIME_FORMATS), default="iso", help="with --ingest: the time "
+                        "column's spelling: iso (ISO 8601, e.g. 2024-01-31T09:30:00Z; UTC unless it gives an offset), "
+                        "unix_s or unix_ms (epoch seconds / milliseconds); other spellings such as 01/02/2024 are "
+                        "refused as ambiguous (default: iso)")
     parser.add_argument("--seed-synthetic", action="store_true", help="write the synthetic market (--synthetic-tokens, "
                         "--synthetic-bars, --seed) into the database, then exit")
     parser.add_argument("--eval-formula", metavar="FILE", help="score a saved best_meme_strategy.json on the data "
@@ -1417,10 +1603,12 @@ def run_db_commands(cfg: AlphaConfig, args: argparse.Namespace) -> None:
         if args.ingest:
             try:
                 with open(args.ingest, newline="", encoding="utf-8") as f:
-                    n_rows, n_new = ingest_csv(conn, cfg.db_schema, f, args.ingest)
+                    n_rows, n_new = ingest_csv(conn, cfg.db_schema, f, args.ingest, args.upsert, args.time_format)
             except UnicodeDecodeError as exc:
                 raise AlphaError(f"{args.ingest}: not UTF-8 text (byte {exc.start}); nothing was loaded") from None
-            print(f"ingest {args.ingest}: {n_rows} rows read, {n_new} inserted, {n_rows - n_new} already present")
+            written = "inserted or updated" if args.upsert else "inserted"
+            print(f"ingest {args.ingest}: {n_rows} rows read, {n_new} {written}, {n_rows - n_new} identical to a "
+                  "stored or an earlier row")
         if args.seed_synthetic:
             frame = synthetic_market(cfg.synthetic_tokens, cfg.synthetic_bars, cfg.seed)
             n_rows, n_new = ingest_csv(conn, cfg.db_schema, frame_to_csv(frame), "synthetic market")
@@ -1485,6 +1673,8 @@ def main(argv: list[str] | None = None) -> None:
         cfg = AlphaConfig(**explicit)
         if cfg.threads > 0:
             torch.set_num_threads(cfg.threads)
+        if (args.upsert or args.time_format != "iso") and not args.ingest:
+            raise AlphaError("--upsert and --time-format apply to --ingest only")
         if args.init_db or args.ingest or args.seed_synthetic:
             run_db_commands(cfg, args)
         elif args.bench:

@@ -2616,6 +2616,213 @@ def test_ag_cli_bad_flags_and_settings_are_one_line(capsys, monkeypatch):
     assert ag.resolve_dsn(ag.AlphaConfig()) == ""                        # no DB configured: synthetic market
 
 
+def _ag_stable_rank(W):
+    return (W.norm() ** 2 / torch.linalg.matrix_norm(W, ord=2) ** 2).item()
+
+
+# ---- causality: no operator, and no formula, looks at bars after t
+
+
+def _ag_heavy_feats(T=240, seed=0):
+    """(6, 3, T) heavy-tailed values, non-zero up to the last bar (a zero tail hides wrap-around)."""
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randn(6, 3, T, generator=gen) ** 3 + 0.5
+
+
+def _ag_future_changed(feat, k, seed=1):
+    """feat with every bar from k on rewritten (scaled and shifted by random amounts), bars < k untouched."""
+    gen = torch.Generator().manual_seed(seed)
+    changed = feat.clone()
+    changed[..., k:] = changed[..., k:] * (1 + 4 * torch.rand(changed[..., k:].shape, generator=gen)) + 7.0
+    return changed
+
+
+def test_ag_every_operator_is_causal_with_a_nonzero_tail():
+    """For each operator on its own and inside many sampled formulas: rewrite the future from bar k on, and the
+    outputs at bars < k must not move (a torch.roll lag or a full-sample statistic moves them)."""
+    vocab, vm = _ag_vm()
+    feat, k = _ag_heavy_feats(), 160
+    changed = _ag_future_changed(feat, k)
+    for name, _, arity in ag.OPS_CONFIG:
+        ids = vocab.encode(vocab.features[:arity] + [name])
+        a, b = vm.execute(ids, feat), vm.execute(ids, changed)
+        torch.testing.assert_close(a[..., :k], b[..., :k], rtol=1e-6, atol=1e-6, msg=f"{name} looks ahead")
+        assert not torch.allclose(a[..., k:], b[..., k:]), f"{name}: the future change did not reach it"
+        assert a[..., :k].abs().max() > 0, f"{name}: all zero before bar k, so the test would prove nothing"
+    gen = torch.Generator().manual_seed(2)
+    tokens = ag.sample_formulas(vocab, 12, 300, "cpu", generator=gen)
+    a, valid = vm.execute_batch(tokens, feat)
+    b, _ = vm.execute_batch(tokens, changed)
+    assert valid.all()
+    torch.testing.assert_close(a[..., :k], b[..., :k], rtol=1e-6, atol=1e-6)
+
+
+def test_ag_delay1_fills_the_first_bar_and_never_wraps():
+    vocab, vm = _ag_vm()
+    x = [1.0, -2.0, 3.0, 4.0]                                  # non-zero last bar: torch.roll would move it to t=0
+    out = vm.execute(vocab.encode(["RET", "DELAY1"]), _ag_feats(x))[0].tolist()
+    assert out == [0.0, 1.0, -2.0, 3.0]
+    assert ag.ts_delay(torch.tensor([[5.0, 6.0, 7.0]]), 2).tolist() == [[0.0, 0.0, 5.0]]
+
+
+def _ag_jump_reference(x, window=20):
+    """relu(z - 3) with z the z-score of x[t] over x[t-window+1 .. t] (population std), written per bar."""
+    out = []
+    for t in range(len(x)):
+        w = np.asarray(x[max(0, t - window + 1): t + 1], dtype=np.float64)
+        out.append(max((x[t] - w.mean()) / (w.std() + 1e-6) - 3.0, 0.0))
+    return np.array(out)
+
+
+def test_ag_jump_is_a_rolling_20_bar_z_score_not_a_full_sample_one():
+    """On a long series with spikes and a later level shift, JUMP equals the per-bar rolling definition and is
+    far from the same formula with the whole sample's mean and std."""
+    rng = np.random.default_rng(0)
+    x = rng.normal(0, 1, 300)
+    x[[40, 90, 150, 260]] += [8.0, 6.0, 9.0, 7.0]              # spikes: jumps against their recent past
+    x[200:] += 30.0                                            # a level shift: the full-sample std is inflated
+    vocab, vm = _ag_vm()
+    got = vm.execute(vocab.encode(["RET", "JUMP"]), _ag_feats(x.tolist()))[0].double().numpy()
+    np.testing.assert_allclose(got, _ag_jump_reference(x.astype(np.float32)), rtol=1e-4, atol=1e-4)
+    full = np.maximum((x - x.mean()) / (x.std() + 1e-6) - 3.0, 0.0)
+    assert got[:200].max() > 0.5 and full[:200].max() == 0.0   # the spikes: z <= sqrt(19) in a 20-bar window
+    assert np.abs(got - full).max() > 0.5
+
+
+# ---- the split: the training part never sees the held-out part
+
+
+def test_ag_train_part_is_blind_to_the_held_out_part():
+    """Rewrite every field of the market from the split on: the training part (features, liquidity and the
+    target, whose last two bars would read open[split] and open[split + 1]) must not change at all."""
+    frame, _ = ag.clean_market(ag.synthetic_market(5, 200, seed=5))
+    cfg = ag.AlphaConfig(device="cpu", test_frac=0.3)
+    engine = ag.AlphaEngine(cfg, frame)
+    split = engine.train_data.feat.shape[-1]
+    changed = ag.MarketFrame(frame.addresses, frame.symbols, frame.times, frame.values.copy())
+    rng = np.random.default_rng(0)
+    changed.values[:, :, split:] *= rng.lognormal(0, 0.3, changed.values[:, :, split:].shape).astype(np.float32)
+    other = ag.AlphaEngine(cfg, changed)
+    for part in ("train_data", "test_data"):
+        data = getattr(engine, part)
+        assert data.target[:, -2:].abs().max() == 0, f"{part}: the last two bars have no future inside the part"
+    assert engine.data.target[:, -2:].abs().max() == 0
+    a, b = engine.train_data, other.train_data
+    torch.testing.assert_close(a.feat, b.feat, rtol=0, atol=0)
+    torch.testing.assert_close(a.liquidity, b.liquidity, rtol=0, atol=0)
+    torch.testing.assert_close(a.target, b.target, rtol=0, atol=0)
+    torch.testing.assert_close(a.target[:, :-2], engine.data.target[:, : split - 2])
+    ids = engine.vocab.encode(["PRESSURE"])
+    assert engine.score_one(ids, a) == other.score_one(ids, b)
+
+
+# ---- LoRD lowers the stable rank; without it nothing does
+
+
+def test_ag_lord_lowers_the_stable_rank_against_no_lord():
+    W0 = torch.nn.Linear(64, 192, bias=False, dtype=torch.float32).weight.detach().clone()
+    decayed = torch.nn.Parameter(W0.clone())
+    lord = ag.NewtonSchulzLowRankDecay([("blocks.layers.0.attn.qkv.weight", decayed)], decay_rate=0.01,
+                                       num_iterations=5)
+    lord.step()
+    torch.testing.assert_close(decayed.data, W0 - 0.01 * ag.newton_schulz_orth(W0, 5))
+    for _ in range(9):
+        lord.step()
+    assert _ag_stable_rank(decayed.data) < _ag_stable_rank(W0) - 0.3
+    # in training: the same seeded step with and without LoRD; only LoRD lowers the attention weights' rank
+    frame, _ = ag.clean_market(ag.synthetic_market(4, 120, seed=2))
+    ranks = {}
+    for use_lord in (False, True):
+        ag.seed_everything(0)
+        engine = ag.AlphaEngine(ag.AlphaConfig(batch_size=16, device="cpu", use_lord=use_lord,
+                                               lord_decay_rate=0.02), frame)
+        for _ in range(2):
+            engine.train_step()
+        ranks[use_lord] = engine.rank_monitor.compute()
+    assert ranks[True] < ranks[False] - 0.1, ranks
+
+
+# ---- passwords with '@' are masked whole, and such a DSN connects to the right host
+
+
+_AG_PW = "Zq@9x@Kw7"
+_AG_PW_PARTS = ("Zq", "9x", "Kw7", "Zq@9x", "9x@Kw7")
+
+
+def _ag_no_fragment(text):
+    return not any(part in text for part in _AG_PW_PARTS)
+
+
+def test_ag_mask_secret_masks_a_password_containing_at_signs():
+    uri = f"postgresql://user:{_AG_PW}@db.example:5432/prod"
+    masked = ag.mask_secret(f"cannot connect to {uri}: timeout")
+    assert masked == "cannot connect to postgresql://user:***@db.example:5432/prod: timeout"
+    assert ag.mask_secret("postgresql://user@db.example/prod") == "postgresql://user@db.example/prod"
+    for kv in (f"host=db.example password={_AG_PW} user=u", f"host=db.example password='{_AG_PW} x' user=u"):
+        masked = ag.mask_secret(kv)
+        assert _ag_no_fragment(masked) and "host=db.example" in masked and "user=u" in masked, masked
+    # the DSN's own password is masked wherever it appears, and stripped from what is stored
+    assert _ag_no_fragment(ag.mask_secret(f"echo {_AG_PW} and {uri}", uri))
+    assert ag._parse_dsn(uri)["password"] == _AG_PW and ag._parse_dsn(uri)["host"] == "db.example"
+    assert _ag_no_fragment(ag.strip_password(uri)) and "db.example" in ag.strip_password(uri)
+
+
+def test_ag_cli_error_with_an_at_sign_password_shows_no_fragment():
+    proc = _ag_run("--db", f"postgresql://postgres:{_AG_PW}@127.0.0.1:1/test", "--train-steps", "1", timeout=60)
+    err = proc.stderr + proc.stdout
+    assert proc.returncode != 0 and "cannot connect" in err and "Traceback" not in err
+    assert len(proc.stderr.strip().splitlines()) == 1
+    assert _ag_no_fragment(err), err
+    assert '"127.0.0.1"' in err                     # libpq was given the host after the last '@', not '9x@Kw7@...'
+
+
+# ---- the seed's classes, used as a user who copies the file would
+
+
+def test_ag_stackvm_default_uses_the_basic_features():
+    vm = ag.StackVM()
+    assert vm.feat_offset == ag.FeatureEngineer.INPUT_DIM == 6
+    op = {name: ag.FeatureEngineer.INPUT_DIM + i for i, (name, _, _) in enumerate(ag.OPS_CONFIG)}
+    feat = torch.randn(6, 2, 30, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(vm.execute([0, 5, op["ADD"]], feat), feat[0] + feat[5])
+    torch.testing.assert_close(vm.execute([2, op["NEG"], op["ABS"]], feat), feat[2].abs())
+    assert vm.execute([6], feat) is None                        # token 6 is ADD: no operands
+
+
+def _ag_plain_ohlcv(n_tokens=3, n_bars=150, seed=0):
+    frame = ag.synthetic_market(n_tokens, n_bars, seed)
+    return {f: torch.from_numpy(frame.field(f).copy()) for f in ag.RAW_REQUIRED}
+
+
+def test_ag_advanced_features_on_plain_ohlcv_use_the_documented_fallbacks():
+    raw = _ag_plain_ohlcv()
+    names = ag.AdvancedFactorEngineer.NAMES
+    feat = ag.AdvancedFactorEngineer.compute_features(raw)
+    assert feat.shape == (12, 3, 150) and torch.isfinite(feat).all()
+    torch.testing.assert_close(feat[:6], ag.FeatureEngineer.compute_features(raw))
+    assert feat[names.index("LIQ")].abs().max() == 0 and feat[names.index("LIQ_CHG")].abs().max() == 0
+    # FLOW without a buy/sell split: 2 Phi(r / sigma) - 1, r the log return, sigma its trailing 20-bar std
+    c = raw["close"].double()
+    r = torch.log(c / torch.cat([c[:, :1], c[:, :-1]], 1))
+    sigma = torch.stack([r[:, max(0, t - 19): t + 1].std(1, unbiased=False) for t in range(150)], 1)
+    expect = torch.erf(r / (sigma * math.sqrt(2) + 1e-12)).float()
+    torch.testing.assert_close(feat[names.index("FLOW")], expect, rtol=1e-4, atol=1e-4)
+    assert feat[names.index("FLOW")].std() > 0.3
+    # with the split on some bars only: the split where buy + sell > 0, the estimate elsewhere; causal either way
+    buy, sell = torch.rand(3, 150), torch.rand(3, 150)
+    buy[:, ::3] = sell[:, ::3] = 0
+    split_feat = ag.AdvancedFactorEngineer.compute_features({**raw, "buy_volume": buy, "sell_volume": sell})
+    flow = split_feat[names.index("FLOW")]
+    torch.testing.assert_close(flow[:, 1::3], ((buy - sell) / (buy + sell + 1e-9))[:, 1::3])
+    torch.testing.assert_close(flow[:, ::3], expect[:, ::3], rtol=1e-4, atol=1e-4)
+    future = {k: v.clone() for k, v in raw.items()}
+    for v in future.values():
+        v[:, 100:] *= 1.5
+    torch.testing.assert_close(ag.AdvancedFactorEngineer.compute_features(future)[..., :100], feat[..., :100])
+    with pytest.raises(ag.AlphaError, match=r"missing \['close'\]"):
+        ag.AdvancedFactorEngineer.compute_features({k: v for k, v in raw.items() if k != "close"})
+
+
 # ---- against the real Postgres (ALPHAGPT_TEST_DSN; CI sets it and these tests must run there)
 
 _AG_DSN = os.environ.get("ALPHAGPT_TEST_DSN")
@@ -2710,6 +2917,203 @@ def test_ag_db_cli_seed_then_train_from_postgres(ag_schema, tmp_path):
     assert trained.returncode == 0, trained.stderr
     assert "postgres" in trained.stdout and "4 tokens x 200 bars" in trained.stdout
     assert json.loads((tmp_path / "run" / "best_meme_strategy.json").read_text())["formula"]
+
+
+@pytest.fixture
+def ag_ready_schema(ag_schema):
+    """ag_schema with its tables created."""
+    ag.init_schema(*ag_schema)
+    return ag_schema
+
+
+def _ag_rows(conn, schema):
+    """Stored candles as {(address, unix time): (open, high, low, close, volume)}."""
+    with conn.cursor() as cur:
+        cur.execute(ag._sql("SELECT address, extract(epoch FROM time)::bigint, open, high, low, close, volume "
+                            "FROM {s}.ohlcv", schema))
+        return {(r[0], r[1]): r[2:] for r in cur.fetchall()}
+
+
+def _ag_ingest(conn, schema, text, **kw):
+    return ag.ingest_csv(conn, schema, io.StringIO(text), "f.csv", **kw)
+
+
+_AG_HEADER = "address,time,open,high,low,close,volume\n"
+_AG_T0 = 1704067200                                             # 2024-01-01T00:00:00Z
+
+
+@_ag_needs_db
+def test_ag_db_ingest_refuses_broken_ohlc_with_per_rule_counts(ag_ready_schema, tmp_path):
+    conn, schema = ag_ready_schema
+    good = "a,2024-01-01T00:00:00Z,1,1.2,0.9,1.1,5\n"
+    broken = ("a,2024-01-01T00:01:00Z,1,1.05,0.9,1.1,5\n"       # high < close
+              "a,2024-01-01T00:02:00Z,1,1.2,1.01,1.1,5\n"       # low > open
+              "b,2024-01-01T00:01:00Z,1.2,1.3,1.15,1.1,5\n"     # low > close
+              "b,2024-01-01T00:02:00Z,1,1.2,0,1.1,5\n")         # a zero price
+    with pytest.raises(ag.AlphaError) as info:
+        _ag_ingest(conn, schema, _AG_HEADER + good + broken)
+    assert str(info.value) == ("f.csv: 4 rows break the OHLC rules (first at line 3): 1 with a price <= 0, 1 with "
+                               "high < max(open, close), 2 with low > min(open, close); nothing was loaded")
+    assert _ag_rows(conn, schema) == {}
+    # NaN / Inf prices are not judged here: they go in, and cleaning counts and fills them
+    assert _ag_ingest(conn, schema, _AG_HEADER + good + "a,2024-01-01T00:01:00Z,1,NaN,0.9,Infinity,5\n") == (2, 2)
+    path = tmp_path / "broken.csv"
+    path.write_text(_AG_HEADER + broken)
+    proc = _ag_run("--db", _AG_DSN, "--db-schema", schema, "--ingest", str(path))
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+    assert "4 rows break the OHLC rules" in proc.stderr and "1 with high < max(open, close)" in proc.stderr
+
+
+@_ag_needs_db
+def test_ag_db_conflicting_rows_are_refused_and_upsert_corrects_them(ag_ready_schema, tmp_path):
+    conn, schema = ag_ready_schema
+    rows = [f"{tok},2024-01-01T00:0{t}:00Z,1,2,0.5,1.5,{t}\n" for tok in "ab" for t in range(3)]
+    assert _ag_ingest(conn, schema, _AG_HEADER + "".join(rows)) == (6, 6)
+    assert _ag_ingest(conn, schema, _AG_HEADER + "".join(rows) + rows[0]) == (7, 0)   # identical: skipped
+    # fewer columns, same values in them: identical too (an absent column is no conflict)
+    assert _ag_ingest(conn, schema, "address,time,open,high,low,close\na,2024-01-01T00:01:00Z,1,2,0.5,1.5\n") == (1, 0)
+    before = _ag_rows(conn, schema)
+    corrected = _AG_HEADER + "a,2024-01-01T00:01:00Z,1,2,0.5,1.25,1\nb,2024-01-01T00:03:00Z,1,2,0.5,1.5,3\n"
+    with pytest.raises(ag.AlphaError, match=r"1 rows differ from the stored row .*line 2, a at 2024-01-01T00:01"
+                                            r".*--upsert"):
+        _ag_ingest(conn, schema, corrected)
+    assert _ag_rows(conn, schema) == before                       # refused as a whole: the new row is not in
+    assert _ag_ingest(conn, schema, corrected, upsert=True) == (2, 2)
+    after = _ag_rows(conn, schema)
+    assert after[("a", _AG_T0 + 60)] == (1.0, 2.0, 0.5, 1.25, 1.0) and after[("b", _AG_T0 + 180)][3] == 1.5
+    assert {k: v for k, v in after.items() if k not in (("a", _AG_T0 + 60), ("b", _AG_T0 + 180))} == \
+        {k: v for k, v in before.items() if k != ("a", _AG_T0 + 60)}
+    assert _ag_ingest(conn, schema, corrected, upsert=True) == (2, 0)
+    # one (address, time) with two different rows in a file is ambiguous: refused, with or without upsert
+    twice = _AG_HEADER + rows[4] + "a,2024-01-01T00:05:00Z,1,2,0.5,1.5,1\na,2024-01-01T00:05:00Z,1,2,0.5,1.5,2\n"
+    for upsert in (False, True):
+        with pytest.raises(ag.AlphaError, match=r"1 \(address, time\) pairs have rows with different values "
+                                                r"\(first: a at 2024-01-01T00:05:00\+00:00, lines 3 and 4\)"):
+            _ag_ingest(conn, schema, twice, upsert=upsert)
+    assert _ag_rows(conn, schema) == after
+    # the CLI: refused in one line naming --upsert, then accepted with it
+    path = tmp_path / "fix.csv"
+    path.write_text(_AG_HEADER + "a,2024-01-01T00:02:00Z,1,2,0.5,1.75,2\n")
+    db = ["--db", _AG_DSN, "--db-schema", schema, "--ingest", str(path)]
+    refused = _ag_run(*db)
+    assert refused.returncode != 0 and "--upsert" in refused.stderr and "Traceback" not in refused.stderr
+    fixed = _ag_run(*db, "--upsert")
+    assert fixed.returncode == 0, fixed.stderr
+    assert "1 rows read, 1 inserted or updated, 0 identical" in fixed.stdout
+    assert _ag_rows(conn, schema)[("a", _AG_T0 + 120)][3] == 1.75
+
+
+@_ag_needs_db
+def test_ag_db_ingest_accepts_only_unambiguous_times(ag_ready_schema):
+    conn, schema = ag_ready_schema
+    for bad in ("01/02/2024", "2024-1-2", "Jan 2 2024", "2024-01-02T25:00:00Z", str(_AG_T0)):
+        with pytest.raises(ag.AlphaError, match=f"line 3, column time: '{bad}' is not an ISO 8601 time .*"
+                                                "for unix epochs pass --time-format unix_s or unix_ms"):
+            _ag_ingest(conn, schema, _AG_HEADER + "a,2024-01-01T00:00:00Z,1,2,0.5,1.5,1\n"
+                       f"a,{bad},1,2,0.5,1.5,1\n")
+    assert _ag_rows(conn, schema) == {}
+    iso = ["2024-01-01T00:00:00Z", "2024-01-01 00:01", "2024-01-01T01:02:00+01:00", "2024-01-01T00:03:00.000Z"]
+    assert _ag_ingest(conn, schema, _AG_HEADER + "".join(f"a,{t},1,2,0.5,1.5,1\n" for t in iso)) == (4, 4)
+    assert sorted(_ag_rows(conn, schema)) == [("a", _AG_T0 + 60 * i) for i in range(4)]   # UTC unless an offset
+    # the same bars as epochs: identical rows when the unit is given, refused when it is the wrong one
+    for unit, scale in (("unix_s", 1), ("unix_ms", 1000)):
+        epochs = "".join(f"a,{(_AG_T0 + 60 * i) * scale},1,2,0.5,1.5,1\n" for i in range(5))
+        assert _ag_ingest(conn, schema, _AG_HEADER + epochs, time_format=unit) == (5, 1 if unit == "unix_s" else 0)
+        wrong = "unix_ms" if unit == "unix_s" else "unix_s"
+        with pytest.raises(ag.AlphaError, match=f"line 2: the time as {wrong} falls outside .*wrong --time-format"):
+            _ag_ingest(conn, schema, _AG_HEADER + epochs, time_format=wrong)
+    assert sorted(_ag_rows(conn, schema)) == [("a", _AG_T0 + 60 * i) for i in range(5)]
+    proc = _ag_run("--upsert", "--train-steps", "1")
+    assert proc.returncode != 0 and "apply to --ingest only" in proc.stderr
+
+
+# ---- data for any market: a liquidity model, and a refusal before training when nothing can be learnt
+
+
+def _ag_stock_market(n_tokens=4, n_bars=200, seed=6):
+    """The synthetic market as an exchange would give it, uncleaned: OHLCV only, no liquidity, fdv or buy/sell
+    split, volume in units (100x the synthetic USD volume / price, so ~0.5M USD a bar)."""
+    frame = ag.synthetic_market(n_tokens, n_bars, seed)
+    frame.values[ag.FIELDS.index("volume")] *= 100 / frame.field("close")
+    for name in ("liquidity", "fdv", "buy_volume", "sell_volume"):
+        frame.values[ag.FIELDS.index(name)] = np.nan
+    return frame
+
+
+def _ag_market_without_liquidity():
+    return ag.clean_market(_ag_stock_market())[0]
+
+
+def test_ag_liquidity_models_make_a_market_without_liquidity_usable():
+    frame = _ag_market_without_liquidity()
+    with pytest.raises(ag.AlphaError) as info:
+        ag.AlphaEngine(ag.AlphaConfig(device="cpu"), frame)
+    message = str(info.value)
+    assert message.startswith("cannot learn on this data: columns constant over the whole market (liquidity = 0, "
+                              "fdv = 0) make features constant (LIQ)")
+    assert "no bar of the training part is tradable: liquidity <= --min-liquidity 5000 everywhere (max 0)" in message
+    assert "--liquidity unlimited, dollar_volume or a USD number" in message and "\n" not in message
+    close, volume = (torch.from_numpy(frame.field(f)).double() for f in ("close", "volume"))
+    dollars = close * volume
+    expect = {"unlimited": torch.full_like(close, math.inf), "250000": torch.full_like(close, 2.5e5),
+              "dollar_volume": torch.stack([dollars[:, max(0, t - 59): t + 1].mean(1) for t in range(200)], 1)}
+    for spec, liquidity in expect.items():
+        engine = ag.AlphaEngine(ag.AlphaConfig(device="cpu", batch_size=16, liquidity=spec), frame)
+        torch.testing.assert_close(engine.data.liquidity.double(), liquidity, rtol=1e-5, atol=1e-3)
+        record = engine.train_step()
+        assert math.isfinite(record["loss"]) and record["usable_frac"] > 0
+    # unlimited liquidity: no gate and no price impact, only the fee
+    tradable, cost, *_ = engine.backtest.bar_masks(torch.full((1, 3), math.inf), torch.zeros(1, 3))
+    assert tradable.all()
+    assert cost.tolist() == [[pytest.approx(0.005)] * 3]
+    # the default reads the column, unchanged
+    synthetic, _ = ag.clean_market(ag.synthetic_market(3, 120, seed=0))
+    data = ag.build_market_data(synthetic, "basic", torch.device("cpu"))
+    assert np.array_equal(data.liquidity.numpy(), synthetic.field("liquidity"))
+
+
+def test_ag_refusals_and_bad_liquidity_settings_are_one_line():
+    frame = _ag_market_without_liquidity()
+    dead = ag.MarketFrame(frame.addresses, frame.symbols, frame.times, frame.values.copy())
+    for name in ag.PRICE_FIELDS:
+        dead.values[ag.FIELDS.index(name)] = 2.0                       # a market whose prices never move
+    with pytest.raises(ag.AlphaError, match=r"columns constant over the whole market \(close = 2\) make features "
+                                            r"constant \(RET, .*DEV"):
+        ag.AlphaEngine(ag.AlphaConfig(device="cpu", liquidity="unlimited"), dead)
+    with pytest.raises(ag.AlphaError, match="no bar of the training part is tradable"):
+        ag.AlphaEngine(ag.AlphaConfig(device="cpu", liquidity="100"), frame)      # below --min-liquidity 5000
+    for bad in ("lots", "-5", "nan", "inf"):
+        with pytest.raises(ag.AlphaError, match="--liquidity must be one of column, unlimited, dollar_volume or a "
+                                                "number of USD >= 0"):
+            ag.AlphaConfig(liquidity=bad)
+    proc = _ag_run("--help")
+    assert proc.returncode == 0
+    text = " ".join(proc.stdout.split())
+    for words in ("--liquidity LIQUIDITY", "unlimited (no gate, no impact: fees only)", "dollar_volume (the "
+                  "trailing 60-bar mean of close x volume", "--upsert", "--time-format {iso,unix_ms,unix_s}"):
+        assert words in text, words
+
+
+@_ag_needs_db
+def test_ag_db_cli_trains_on_ohlcv_only_data_with_a_liquidity_model(ag_ready_schema, tmp_path):
+    _, schema = ag_ready_schema
+    frame = _ag_stock_market(4, 150, seed=3)
+    stamps = np.datetime_as_string(frame.times.astype("datetime64[s]"))
+    lines = [_AG_HEADER] + [f"{frame.addresses[i]},{stamps[t]}Z," + ",".join(f"{frame.field(f)[i, t]:.9g}" for f in
+                                                                            ("open", "high", "low", "close", "volume"))
+                            + "\n" for i in range(4) for t in range(150)]
+    path = tmp_path / "stocks.csv"
+    path.write_text("".join(lines))
+    db = ["--db", _AG_DSN, "--db-schema", schema]
+    loaded = _ag_run(*db, "--ingest", str(path))
+    assert loaded.returncode == 0 and "600 rows read, 600 inserted" in loaded.stdout, loaded.stderr
+    small = ["--train-steps", "1", "--batch-size", "8", "--out-dir", str(tmp_path / "run")]
+    refused = _ag_run(*db, *small)
+    assert refused.returncode != 0 and len(refused.stderr.strip().splitlines()) == 1
+    assert "no bar of the training part is tradable" in refused.stderr and "Traceback" not in refused.stderr
+    trained = _ag_run(*db, *small, "--liquidity", "dollar_volume")
+    assert trained.returncode == 0, trained.stderr
+    assert "4 tokens x 150 bars" in trained.stdout
 
 
 # ======================================================================================
