@@ -21,8 +21,12 @@ Without --db the DSN is built from DB_USER / DB_PASSWORD / DB_HOST / DB_NAME (an
 DB_NAME is set; otherwise the synthetic market is used. Passwords are never printed.
 
 Layout: config, database helpers, operators, factors, the stack VM, the model (LoopedTransformer, MTPHead,
-LoRD, stable rank), data (synthetic market, Postgres schema / ingest / load, cleaning), the backtest, the
-engine (sampling, REINFORCE), benchmark, CLI.
+LoRD, stable rank), data (synthetic market, bar lengths, cleaning, Postgres schema / ingest / load), the
+backtest, the engine (sampling, REINFORCE, the per-split report), the report table and equity plot, benchmark, CLI.
+
+Held-out honesty: the tokens are chosen by their liquidity before the split time; features and formula values
+are computed on the whole series and then split (the held-out part starts warm); a token is masked before its
+first bar; instruments of different bar lengths are refused or resampled (--mixed-frequency).
 """
 
 import argparse
@@ -63,6 +67,7 @@ class AlphaConfig:
     synthetic_tokens: int = 48
     synthetic_bars: int = 1200
     test_frac: float = 0.3            # last fraction of time held out for out-of-sample scoring
+    mixed_frequency: str = "refuse"   # instruments with different bar lengths: "refuse" or "resample"
     # market (backtest cost assumptions)
     trade_size_usd: float = 1000.0
     min_liquidity: float = 5000.0
@@ -77,6 +82,7 @@ class AlphaConfig:
     entropy_coef: float = 0.01
     value_coef: float = 0.5
     risk_quantile: float = 0.9        # > 0: risk-seeking policy gradient on the top (1 - q) of each batch
+    baseline_formulas: int = 200      # random formulas scored per split for the report's baseline
     # model
     d_model: int = 64
     n_layers: int = 2
@@ -103,6 +109,7 @@ class AlphaConfig:
             (min(self.limit_tokens, self.synthetic_tokens) >= 1, "--limit-tokens, --synthetic-tokens must be >= 1"),
             (self.synthetic_bars >= 3, "--synthetic-bars must be >= 3"),
             (0 < self.test_frac < 1, "--test-frac must be in (0, 1)"),
+            (self.mixed_frequency in MIXED_FREQUENCY, f"--mixed-frequency must be one of {', '.join(MIXED_FREQUENCY)}"),
             (self.trade_size_usd > 0 and self.min_liquidity >= 0 and self.base_fee >= 0,
              "--trade-size-usd must be > 0, --min-liquidity and --base-fee >= 0"),
             (self.liquidity in LIQUIDITY_MODELS or liquidity_constant(self.liquidity) is not None,
@@ -110,6 +117,7 @@ class AlphaConfig:
             (self.batch_size >= 2, "--batch-size must be >= 2 (advantages are normalised over the batch)"),
             (self.train_steps >= 0 and self.max_formula_len >= 1 and self.eval_chunk >= 1,
              "--train-steps must be >= 0, --max-formula-len and --eval-chunk >= 1"),
+            (self.baseline_formulas >= 20, "--baseline-formulas must be >= 20 (its 95th percentile is reported)"),
             (self.lr > 0 and self.entropy_coef >= 0 and self.value_coef >= 0,
              "--lr must be > 0, --entropy-coef and --value-coef >= 0"),
             (0 <= self.risk_quantile < 1, "--risk-quantile must be in [0, 1)"),
@@ -130,11 +138,15 @@ FIELD_HELP = {
     "db": "Postgres DSN (postgresql://user:pass@host:port/db); empty: build it from DB_USER/DB_PASSWORD/DB_HOST/"
           "DB_NAME/DB_PORT when DB_HOST or DB_NAME is set, else use the built-in synthetic market",
     "db_schema": "Postgres schema holding the tokens and ohlcv tables",
-    "limit_tokens": "load the top N tokens by liquidity",
+    "limit_tokens": "load the top N tokens by mean liquidity over the training period (the held-out part is "
+                    "never looked at to choose them)",
     "factors": "feature set: basic (6 features, FeatureEngineer) or advanced (12, AdvancedFactorEngineer)",
     "synthetic_tokens": "tokens in the synthetic market",
     "synthetic_bars": "bars (minutes) per token in the synthetic market",
     "test_frac": "fraction of the time axis (the end) held out to score the best formula out of sample",
+    "mixed_frequency": "instruments whose bar lengths differ: refuse (one line naming them) or resample (every "
+                       "instrument to the longest bar length: open first, high max, low min, close last, volumes "
+                       "summed, liquidity and fdv last)",
     "trade_size_usd": "trade size in USD; price impact = trade size / liquidity, capped at 5%%",
     "min_liquidity": "no position while a token's liquidity is at or below this (USD)",
     "base_fee": "fee per side as a fraction of the trade",
@@ -148,6 +160,8 @@ FIELD_HELP = {
     "eval_chunk": "formulas per chunk in the batched VM + backtest (bounds memory: ~6 x chunk x tokens x time)",
     "lr": "AdamW learning rate",
     "entropy_coef": "weight of the policy entropy bonus",
+    "baseline_formulas": "uniformly random valid formulas scored on each split for the report's baseline (its "
+                         "95th percentile is what the best formula must beat)",
     "risk_quantile": "0: plain REINFORCE with advantage (r - mean) / std; q in (0, 1): risk-seeking variant, "
                      "advantage max(r - quantile_q(r), 0) / std, so only the batch's best formulas are reinforced",
     "value_coef": "weight of the value-head regression loss (the value head predicts a formula's reward)",
@@ -769,9 +783,29 @@ class MarketFrame:
     symbols: list[str]
     times: np.ndarray       # (T,) int64 unix seconds, increasing
     values: np.ndarray      # (len(FIELDS), N, T) float32
+    first_bar: np.ndarray | None = None   # (N,) set by cleaning: the first bar whose prices all come from the
+                                          # past; before it a token is untradable and its features are 0
+    split_time: int | None = None         # the first held-out time, when the loader chose the tokens before it
 
     def field(self, name: str) -> np.ndarray:
         return self.values[FIELDS.index(name)]
+
+
+def split_time_of(times: np.ndarray, test_frac: float) -> int:
+    """The first held-out time: the last test_frac of the time axis is held out."""
+    return int(times[min(int(round(len(times) * (1 - test_frac))), len(times) - 1)])
+
+
+def bar_seconds(times: np.ndarray) -> int | None:
+    """The bar length of an increasing time axis (its median step); None with fewer than 2 bars."""
+    return int(np.median(np.diff(times))) if len(times) > 1 else None
+
+
+def format_bar(seconds: int) -> str:
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds % size == 0:
+            return f"{seconds // size}{unit}"
+    return f"{seconds}s"
 
 
 def synthetic_market(n_tokens: int, n_bars: int, seed: int, signal_strength: float = 1.5) -> MarketFrame:
@@ -837,12 +871,65 @@ def _ffill(x: np.ndarray) -> np.ndarray:
     return np.take_along_axis(x, idx, axis=-1)
 
 
+MIXED_FREQUENCY = ("refuse", "resample")
+# how resampling combines the bars of a bucket, per field
+RESAMPLE_RULES = {"open": "first", "high": "max", "low": "min", "close": "last", "volume": "sum",
+                  "liquidity": "last", "fdv": "last", "buy_volume": "sum", "sell_volume": "sum"}
+
+
+def resample(frame: MarketFrame, seconds: int) -> MarketFrame:
+    """Bars of `seconds` (labelled by their start, on multiples of it), by RESAMPLE_RULES; NaN where a token has
+    no value in a bucket. The frame's times must be increasing."""
+    buckets = frame.times // seconds * seconds
+    times, starts = np.unique(buckets, return_index=True)
+    ends = np.append(starts[1:], len(buckets)) - 1
+    values = np.empty(frame.values.shape[:2] + (len(times),), dtype=np.float32)
+    for i, name in enumerate(FIELDS):
+        x = frame.values[i]
+        rule = RESAMPLE_RULES[name]
+        if rule == "max":
+            v = np.fmax.reduceat(x, starts, axis=-1)                  # fmax / fmin skip NaN
+        elif rule == "min":
+            v = np.fmin.reduceat(x, starts, axis=-1)
+        elif rule == "sum":
+            v = np.add.reduceat(np.nan_to_num(x), starts, axis=-1)
+        elif rule == "last":
+            v = _ffill(x)[:, ends]
+        else:
+            v = _ffill(x[:, ::-1])[:, ::-1][:, starts]
+        seen = np.add.reduceat(~np.isnan(x), starts, axis=-1) > 0    # the value came from inside the bucket
+        values[i] = np.where(seen, v, np.nan)
+    return dataclasses.replace(frame, times=times.astype(np.int64), values=values)
+
+
+def align_frequencies(frame: MarketFrame, mode: str) -> tuple[MarketFrame, str]:
+    """Tokens on one time axis must share a bar length: a 5-minute token on a 1-minute axis would be forward-
+    filled flat on 4 bars in 5. mode "refuse": one AlphaError naming them; "resample": every token to the longest
+    bar length. Returns (frame, a note for the report, "" when nothing was done)."""
+    present = ~np.isnan(frame.values).all(axis=0)                     # (N, T)
+    lengths = [bar_seconds(frame.times[row]) for row in present]
+    groups: dict[int, list[str]] = {}
+    for i, length in enumerate(lengths):
+        if length is not None:
+            groups.setdefault(length, []).append(frame.symbols[i] or frame.addresses[i])
+    if len(groups) <= 1:
+        return frame, ""
+    listing = "; ".join(f"{format_bar(s)} bars: {len(names)} tokens ({', '.join(names[:5])}"
+                        f"{', ...' if len(names) > 5 else ''})" for s, names in sorted(groups.items()))
+    target = max(groups)
+    if mode == "refuse":
+        raise AlphaError(f"tokens with different bar lengths on one time axis ({listing}): load one frequency, or "
+                         f"pass --mixed-frequency resample to resample all to {format_bar(target)} bars")
+    return resample(frame, target), f"resampled to {format_bar(target)} bars ({listing}) | "
+
+
 def clean_market(frame: MarketFrame, n_dupes: int = 0) -> tuple[MarketFrame, str]:
     """Make a frame safe for the factors and say what was fixed, in one report line:
     - non-finite values, non-positive prices and negative volumes / liquidity / FDV become missing (NaN/Inf
       are counted for prices only: the optional fields may legitimately be NULL);
-    - missing prices, liquidity and FDV are forward-filled (the seed's rule); before a token's first bar its
-      prices take the first known value while its liquidity stays 0, so nothing trades there;
+    - missing prices, liquidity and FDV are forward-filled (the seed's rule); before a token's first bar (the
+      first from which every price can be filled from the past: first_bar) its prices take the first known
+      value only to keep the arithmetic finite: build_market_data zeroes its features and liquidity there;
     - missing volumes are 0 (no trades in a gap); tokens without any price are dropped;
     - zero liquidity is kept and blocks trading."""
     vals = frame.values.astype(np.float32, copy=True)
@@ -861,6 +948,8 @@ def clean_market(frame: MarketFrame, n_dupes: int = 0) -> tuple[MarketFrame, str
     n_negative = int(negative.sum())
     vals[other_rows] = np.where(negative, np.nan, vals[other_rows])
     has_price = np.isfinite(vals[FIELDS.index("close")]).any(axis=1)
+    known = np.isfinite(vals[price_rows])                     # (4, N, T)
+    first_bar = np.where(known.any(-1), known.argmax(-1), len(frame.times)).max(0)[has_price]
     n_dropped = int((~has_price).sum())
     vals = vals[:, has_price]
     n_gaps = int((~present[has_price]).sum())
@@ -876,12 +965,14 @@ def clean_market(frame: MarketFrame, n_dupes: int = 0) -> tuple[MarketFrame, str
     vals[FIELDS.index("high")] = np.maximum(vals[FIELDS.index("high")], vals[[0, 3]].max(axis=0))
     vals[FIELDS.index("low")] = np.minimum(vals[FIELDS.index("low")], vals[[0, 3]].min(axis=0))
     keep = np.flatnonzero(has_price)
-    cleaned = MarketFrame([frame.addresses[i] for i in keep], [frame.symbols[i] for i in keep], frame.times, vals)
+    cleaned = MarketFrame([frame.addresses[i] for i in keep], [frame.symbols[i] for i in keep], frame.times, vals,
+                          first_bar, frame.split_time)
     report = (f"data: {len(keep)} tokens x {len(frame.times)} bars | fixed: {n_nonfinite} NaN/Inf prices, "
               f"{n_bad_price} non-positive prices, {n_negative} negative volume/liquidity/FDV values, "
               f"{n_gaps} missing bars filled, {n_bad_liq} bars with "
               f"zero/missing liquidity (no trading there), {n_dupes} duplicate (token, time) rows dropped, "
-              f"{n_dropped} tokens without prices dropped")
+              f"{n_dropped} tokens without prices dropped, {int((first_bar > 0).sum())} tokens untradable before "
+              "their first bar")
     if len(keep) == 0 or len(frame.times) < 3:
         raise AlphaError(f"no usable market data ({report})")
     return cleaned, report
@@ -910,31 +1001,43 @@ def model_liquidity(raw: dict[str, torch.Tensor], spec: str) -> torch.Tensor:
 
 @dataclass
 class MarketData:
-    """What the search needs, on the device: features, liquidity and the target return."""
-    feat: torch.Tensor        # (K, N, T)
+    """What the search needs, on the device: features, liquidity and the target return of the scored bars,
+    with the features of `start` bars of history before them (formula values are computed over the history,
+    then sliced, so lags and rolling windows start warm, as they would live)."""
+    feat: torch.Tensor        # (K, N, start + T)
     liquidity: torch.Tensor   # (N, T)
     target: torch.Tensor      # (N, T) log(open[t+2] / open[t+1]); the last two bars 0
     feature_names: list[str]
     symbols: list[str]
+    start: int = 0
 
     def split(self, start: int, end: int) -> "MarketData":
-        """Bars [start, end). The target's last two bars are zeroed: they would look past the slice."""
+        """Scored bars [start, end), with the history before them. The target's last two bars are zeroed: they
+        would look past the slice."""
         target = self.target[:, start:end].clone()
         target[:, -2:] = 0
         # contiguous copies: every op on a strided slice of the full series runs markedly slower
-        return MarketData(self.feat[:, :, start:end].contiguous(), self.liquidity[:, start:end].contiguous(),
-                          target, self.feature_names, self.symbols)
+        return MarketData(self.feat[:, :, :end].contiguous(), self.liquidity[:, start:end].contiguous(),
+                          target, self.feature_names, self.symbols, start)
+
+    def scored(self, values: torch.Tensor) -> torch.Tensor:
+        """Formula values over the history -> the scored bars."""
+        return values[..., self.start:]
 
 
 def build_market_data(frame: MarketFrame, factors: str, device: torch.device, liquidity: str = "column") -> MarketData:
+    """Features, liquidity and target on the device. Before a token's first_bar its features and liquidity are 0:
+    the prices there were filled from its future, so nothing may read them (and nothing trades there)."""
     engineer = FACTOR_SETS[factors]
     raw = {name: torch.from_numpy(frame.values[i]).to(device) for i, name in enumerate(FIELDS)}
-    feat = clean_values(engineer.compute_features(raw))
+    first_bar = np.zeros(len(frame.addresses), dtype=np.int64) if frame.first_bar is None else frame.first_bar
+    listed = torch.arange(len(frame.times), device=device) >= torch.from_numpy(first_bar).to(device)[:, None]
+    feat = clean_values(engineer.compute_features(raw)).masked_fill_(~listed, 0.0)
     o = raw["open"].double()
     target = torch.zeros_like(raw["open"])
     target[:, :-2] = torch.log(o[:, 2:] / o[:, 1:-1]).float()
-    return MarketData(feat, model_liquidity(raw, liquidity), torch.nan_to_num(target), list(engineer.NAMES),
-                      frame.symbols)
+    liq = torch.where(listed, model_liquidity(raw, liquidity), 0.0)
+    return MarketData(feat, liq, torch.nan_to_num(target), list(engineer.NAMES), frame.symbols)
 
 
 def refuse_unlearnable(frame: MarketFrame, data: MarketData, train: MarketData, cfg: AlphaConfig) -> None:
@@ -1144,23 +1247,30 @@ def frame_to_csv(frame: MarketFrame) -> io.StringIO:
     return out
 
 
-def select_tokens(conn, schema: str, limit_tokens: int) -> tuple[list[str], list[str]]:
-    """The top limit_tokens tokens by liquidity, kept server-side in temp table alphagpt_sel(idx, address)."""
+def select_tokens(conn, schema: str, limit_tokens: int, test_frac: float) -> tuple[list[str], list[str], int | None]:
+    """The top limit_tokens tokens by mean liquidity (then mean close x volume) over the training period only,
+    kept server-side in temp table alphagpt_sel(idx, address): the held-out part of the table's time axis
+    (its last test_frac) never decides the universe. Returns (addresses, symbols, the split time)."""
     with conn.cursor() as cur:
         quoted = '"' + schema.replace('"', '""') + '"'
         cur.execute("SELECT to_regclass(%s), to_regclass(%s)", (quoted + ".tokens", quoted + ".ohlcv"))
         if None in cur.fetchone():
             raise AlphaError(f"no tokens / ohlcv tables in schema {schema}: create them with --init-db, then load "
                              "data (--ingest FILE.csv or --seed-synthetic)")
+        cur.execute(_sql("SELECT DISTINCT extract(epoch FROM time)::bigint AS t FROM {s}.ohlcv ORDER BY t", schema))
+        times = np.array([r[0] for r in cur.fetchall()], dtype=np.int64)
+        split_time = split_time_of(times, test_frac) if len(times) else None
         cur.execute("DROP TABLE IF EXISTS alphagpt_sel")
         cur.execute(_sql("CREATE TEMP TABLE alphagpt_sel AS SELECT (row_number() OVER w - 1)::int AS idx, address, "
-                         "COALESCE(symbol, '') AS symbol FROM {s}.tokens WINDOW w AS (ORDER BY liquidity DESC NULLS "
-                         "LAST, address) ORDER BY idx LIMIT %s", schema), (limit_tokens,))
+                         "COALESCE(symbol, '') AS symbol FROM {s}.tokens LEFT JOIN (SELECT address, avg(liquidity) "
+                         "AS liq, avg(close * volume) AS dollars FROM {s}.ohlcv WHERE time < to_timestamp(%s) "
+                         "GROUP BY address) train USING (address) WINDOW w AS (ORDER BY liq DESC NULLS LAST, dollars "
+                         "DESC NULLS LAST, address) ORDER BY idx LIMIT %s", schema), (split_time, limit_tokens))
         cur.execute("SELECT address, symbol FROM alphagpt_sel ORDER BY idx")
         rows = cur.fetchall()
     if not rows:
         raise AlphaError(f"No tokens found in {schema}.tokens: load data first (--ingest FILE.csv or --seed-synthetic)")
-    return [r[0] for r in rows], [r[1] for r in rows]
+    return [r[0] for r in rows], [r[1] for r in rows], split_time
 
 
 # every column NOT NULL and fixed-width (NULL -> NaN), so each binary COPY row has the same layout
@@ -1185,11 +1295,13 @@ def parse_binary_copy(data: bytes) -> np.ndarray:
     return np.column_stack([rec["idx"], rec["time"]] + [rec[f] for f in FIELDS]).astype(np.float64)
 
 
-def load_frame(conn, schema: str, limit_tokens: int, use_copy: bool = True) -> tuple[MarketFrame, int]:
-    """Top tokens' candles pivoted to [field x token x time] (NaN where a token has no bar). The rows come
-    through COPY TO STDOUT in binary format (one byte stream read by numpy as fixed-width records), or with
-    use_copy=False through a plain SELECT + fetchall (kept for --bench). Returns (frame, duplicate rows)."""
-    addresses, symbols = select_tokens(conn, schema, limit_tokens)
+def load_frame(conn, schema: str, limit_tokens: int, use_copy: bool = True,
+               test_frac: float = AlphaConfig.test_frac) -> tuple[MarketFrame, int]:
+    """Top tokens' candles (select_tokens) pivoted to [field x token x time] (NaN where a token has no bar), with
+    the split time they were chosen by. The rows come through COPY TO STDOUT in binary format (one byte stream
+    read by numpy as fixed-width records), or with use_copy=False through a plain SELECT + fetchall (kept for
+    --bench). Returns (frame, duplicate rows)."""
+    addresses, symbols, split_time = select_tokens(conn, schema, limit_tokens, test_frac)
     with conn.cursor() as cur:
         if use_copy:
             buf = io.BytesIO()
@@ -1203,23 +1315,29 @@ def load_frame(conn, schema: str, limit_tokens: int, use_copy: bool = True) -> t
     conn.commit()
     if rows is None:
         raise AlphaError(f"{schema}.ohlcv has no candles for the selected tokens")
-    return pivot_rows(rows[:, 0].astype(np.int64), rows[:, 1].astype(np.int64), rows[:, 2:], addresses, symbols)
+    frame, n_dupes = pivot_rows(rows[:, 0].astype(np.int64), rows[:, 1].astype(np.int64), rows[:, 2:], addresses,
+                                symbols)
+    return dataclasses.replace(frame, split_time=split_time), n_dupes
 
 
 def load_market(cfg: AlphaConfig, seed: int | None = None) -> tuple[MarketFrame, str]:
-    """Postgres when a DSN is configured, else the synthetic market; cleaned, with a report line."""
+    """Postgres when a DSN is configured, else the synthetic market; one bar length (align_frequencies), cleaned,
+    with a report line."""
     dsn = resolve_dsn(cfg)
     if not dsn:
-        frame = synthetic_market(cfg.synthetic_tokens, cfg.synthetic_bars, cfg.seed if seed is None else seed)
-        cleaned, report = clean_market(frame)
-        return cleaned, f"synthetic market (seed {cfg.seed if seed is None else seed}) | {report}"
-    conn = connect(dsn)
-    try:
-        frame, n_dupes = load_frame(conn, cfg.db_schema, cfg.limit_tokens)
-    finally:
-        conn.close()
+        seed = cfg.seed if seed is None else seed
+        frame, n_dupes = synthetic_market(cfg.synthetic_tokens, cfg.synthetic_bars, seed), 0
+        source = f"synthetic market (seed {seed})"
+    else:
+        conn = connect(dsn)
+        try:
+            frame, n_dupes = load_frame(conn, cfg.db_schema, cfg.limit_tokens, test_frac=cfg.test_frac)
+        finally:
+            conn.close()
+        source = f"postgres {mask_secret(dsn, dsn)} schema {cfg.db_schema}"
+    frame, note = align_frequencies(frame, cfg.mixed_frequency)
     cleaned, report = clean_market(frame, n_dupes)
-    return cleaned, f"postgres {mask_secret(dsn, dsn)} schema {cfg.db_schema} | {report}"
+    return cleaned, f"{source} | {note}{report}"
 
 
 # -----------------------------------------------------------------------------
@@ -1263,9 +1381,7 @@ class MemeBacktest:
         """factors: (F, N, T), liquidity / target_ret: (N, T) -> scores (F, N), cumulative pnl (F, N).
         Works on 0/1 masks and sums only: masked selects (torch.where) are many times slower on CPU."""
         tradable, cost, loss_held, loss_entered, loss_left = self.bar_masks(liquidity, target_ret)  # (N, T)
-        pos = (factors > self.entry_logit) & tradable                             # (F, N, T) bool
-        change = pos.clone()                                                      # pos_t != pos_{t-1}
-        change[..., 1:] ^= pos[..., :-1]
+        pos, change = self.positions(factors, tradable)
         entry = change & pos
         cum = (pos * target_ret).sum(-1) - (change * cost).sum(-1)                # (F, N)
         # bars whose pnl is below -drawdown_threshold, by kind: held (pnl = ret), entered (ret - cost), left (-cost)
@@ -1275,6 +1391,19 @@ class MemeBacktest:
         score = cum - self.drawdown_penalty * big_losses
         score = torch.where(trades < self.min_trades, torch.full_like(score, self.inactive_score), score)
         return score, cum
+
+    def positions(self, factors: torch.Tensor, tradable: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Positions (..., N, T) bool and where they change (pos_t != pos_{t-1}, pos_{-1} = 0)."""
+        pos = (factors > self.entry_logit) & tradable
+        change = pos.clone()
+        change[..., 1:] ^= pos[..., :-1]
+        return pos, change
+
+    def bar_pnl(self, factors: torch.Tensor, liquidity: torch.Tensor, target_ret: torch.Tensor):
+        """One formula's factors (N, T) -> positions (N, T) bool, entries (N, T) bool and pnl_t per bar (N, T)."""
+        tradable, cost, *_ = self.bar_masks(liquidity, target_ret)
+        pos, change = self.positions(factors, tradable)
+        return pos, change & pos, pos * target_ret - change * cost
 
     def evaluate(self, factors: torch.Tensor, liquidity: torch.Tensor, target_ret: torch.Tensor):
         """factors: (N, T) or (F, N, T) -> (fitness, mean cumulative pnl), floats or (F,) tensors."""
@@ -1338,10 +1467,12 @@ class AlphaEngine:
             raise AlphaError(f"unknown --factors {cfg.factors!r}: expected one of {sorted(FACTOR_SETS)}")
         data = build_market_data(frame, cfg.factors, self.device, cfg.liquidity)
         T = data.feat.shape[-1]
-        split = int(round(T * (1 - cfg.test_frac)))
+        split_time = split_time_of(frame.times, cfg.test_frac) if frame.split_time is None else frame.split_time
+        split = int(np.searchsorted(frame.times, split_time))
         if split < 20 or T - split < 20:
             raise AlphaError(f"cannot split {T} bars with --test-frac {cfg.test_frac}: each part needs >= 20 bars")
         self.data, self.train_data, self.test_data = data, data.split(0, split), data.split(split, T)
+        self.times, self.split = frame.times, split
         refuse_unlearnable(frame, data, self.train_data, cfg)
         self.vocab = FormulaVocab(data.feature_names)
         self.vm = StackVM(self.vocab)
@@ -1354,13 +1485,15 @@ class AlphaEngine:
         self.step = 0
         self.best = {"score": -math.inf, "tokens": [], "step": -1}
         self.history: list[dict] = []
+        self.baselines: dict[str, float] = {}      # split name -> 95th percentile of random formulas' scores
 
     def score_formulas(self, tokens: torch.Tensor, data: MarketData) -> tuple[torch.Tensor, torch.Tensor]:
         """Rewards (F,) and a mask of valid, non-degenerate formulas. Chunks of eval_chunk formulas go through
         the batched VM together; each distinct formula is backtested once."""
         rewards, usable = [], []
         for chunk in tokens.split(self.cfg.eval_chunk):
-            values, index = self.vm.evaluate_unique(chunk, data.feat)                    # (U, N, T), (f,)
+            values, index = self.vm.evaluate_unique(chunk, data.feat)
+            values = data.scored(values)                                                  # (U, N, T), (f,)
             # one std per formula: on CPU, PyTorch's std(dim=1) over (U, N*T) is ~7x slower than a loop of
             # whole-tensor stds; on a GPU the loop would be U kernel launches instead of one
             std = values.flatten(1).std(1) if values.is_cuda else torch.stack([v.std() for v in values])
@@ -1372,9 +1505,16 @@ class AlphaEngine:
             usable.append(valid & ~degenerate[index.clamp(min=0)])
         return torch.cat(rewards), torch.cat(usable)
 
+    def formula_values(self, tokens: list[int], data: MarketData) -> torch.Tensor | None:
+        """One formula's values (N, T) on data's scored bars (computed over its history too), None if invalid."""
+        values = self.vm.execute(tokens, data.feat)
+        return None if values is None else data.scored(values)
+
     def score_one(self, tokens: list[int], data: MarketData) -> dict:
         """Score one formula the seed's way (VM, then backtest)."""
-        factors = self.vm.execute(tokens, data.feat)
+        return self.score_values(self.formula_values(tokens, data), data)
+
+    def score_values(self, factors: torch.Tensor | None, data: MarketData) -> dict:
         if factors is None:
             return {"score": INVALID_REWARD, "mean_return": 0.0, "valid": False}
         if factors.std() < 1e-4:
@@ -1429,20 +1569,69 @@ class AlphaEngine:
         self.history.append(record)
         return record
 
+    # ---- the report: the best formula against random formulas and buy-and-hold, per split
+
+    def split_info(self) -> dict:
+        def iso(t):
+            return np.datetime_as_string(np.datetime64(int(t), "s")) + "Z"
+        return {"test_frac": self.cfg.test_frac, "split_time": iso(self.times[self.split]), "train_bars": self.split,
+                "test_bars": len(self.times) - self.split, "bar_seconds": bar_seconds(self.times),
+                "first_time": iso(self.times[0]), "last_time": iso(self.times[-1]), "tokens": len(self.data.symbols)}
+
+    def portfolio(self, factors: torch.Tensor, data: MarketData):
+        """Positions (N, T), entries (N, T) and the per-bar return (T,) of equal sleeves per token: r_t = mean
+        over tokens of pnl_t."""
+        pos, entries, pnl = self.backtest.bar_pnl(factors, data.liquidity, data.target)
+        return pos, entries, pnl.double().mean(0)
+
+    def split_report(self, tokens: list[int], data: MarketData) -> dict:
+        """score_one plus what the formula's positions did (curve_stats); an invalid formula holds nothing."""
+        factors = self.formula_values(tokens, data)
+        held = torch.zeros_like(data.target) if factors is None else factors
+        return {**self.score_values(factors, data),
+                **curve_stats(*self.portfolio(held, data), bar_seconds(self.times))}
+
+    def buy_and_hold(self, data: MarketData) -> dict:
+        """Long every token on every tradable bar, through the same backtest (fees and impact included)."""
+        return curve_stats(*self.portfolio(torch.full_like(data.target, VALUE_CLIP), data), bar_seconds(self.times))
+
+    def random_p95(self, name: str, data: MarketData) -> float | None:
+        """95th percentile of baseline_formulas random valid formulas' scores on a split (computed once)."""
+        if name not in self.baselines:
+            scores = random_valid_scores(self, self.cfg.baseline_formulas, self.cfg.seed, data)
+            self.baselines[name] = float(np.percentile(scores, 95)) if len(scores) else None
+        return self.baselines[name]
+
+    def report(self, tokens: list[int]) -> dict:
+        """train and test: split_report, random_p95_score and buy_and_hold on the same bars; whether the formula
+        beats random formulas out of sample (held-out score above their 95th percentile), and that as a line."""
+        out = {name: {**self.split_report(tokens, data), "random_p95_score": self.random_p95(name, data),
+                      "buy_and_hold": self.buy_and_hold(data)}
+               for name, data in (("train", self.train_data), ("test", self.test_data))}
+        score, p95 = out["test"]["score"], out["test"]["random_p95_score"]
+        beats = p95 is not None and score > p95
+        versus = "no random formula was valid" if p95 is None else f"their 95th percentile {p95:.4f}"
+        out["beats_random_out_of_sample"] = beats
+        out["verdict"] = (f"held-out: the formula {'BEATS' if beats else 'does NOT beat'} random formulas (score "
+                          f"{score:.4f}; {versus}, of {self.cfg.baseline_formulas} random formulas)")
+        return out
+
     def best_strategy(self) -> dict:
         tokens = self.best["tokens"]
+        head = {"tokens": self.vocab.decode(tokens), "formula": self.vocab.infix(tokens) if tokens else None,
+                "factors": self.cfg.factors, "train_score": self.best["score"] if tokens else None,
+                "found_at_step": self.best["step"] if tokens else None, "split": self.split_info(),
+                "definitions": REPORT_DEFINITIONS}
         if not tokens:
-            return {"tokens": [], "formula": None, "factors": self.cfg.factors, "train_score": None,
-                    "found_at_step": None, "test": None}
-        return {"tokens": self.vocab.decode(tokens), "formula": self.vocab.infix(tokens),
-                "factors": self.cfg.factors, "train_score": self.best["score"], "found_at_step": self.best["step"],
-                "test": self.score_one(tokens, self.test_data)}
+            return {**head, "train": None, "test": None, "beats_random_out_of_sample": None}
+        return {**head, **self.report(tokens)}
 
     def state(self) -> dict:
         config = dataclasses.asdict(dataclasses.replace(self.cfg, db=strip_password(self.cfg.db)))
+        cuda_rng = torch.cuda.get_rng_state_all() if self.device.type == "cuda" else []   # GPU sampling draws here
         return {"config": config, "model": self.model.state_dict(),
                 "optimizer": self.optimizer.state_dict(), "step": self.step, "best": self.best,
-                "history": self.history, "rng": torch.get_rng_state()}
+                "history": self.history, "rng": torch.get_rng_state(), "cuda_rng": cuda_rng}
 
     def load_state(self, ckpt: dict) -> None:
         try:
@@ -1450,6 +1639,8 @@ class AlphaEngine:
             self.optimizer.load_state_dict(ckpt["optimizer"])
             self.step, self.best, self.history = ckpt["step"], ckpt["best"], ckpt["history"]
             torch.set_rng_state(ckpt["rng"])
+            if ckpt.get("cuda_rng") and self.device.type == "cuda":
+                torch.cuda.set_rng_state_all(ckpt["cuda_rng"])
         except (KeyError, RuntimeError, ValueError, TypeError) as exc:
             raise AlphaError(f"checkpoint does not fit this model (changed --d-model, --factors, ...?): "
                              f"{' '.join(str(exc).split())[:300]}") from None
@@ -1474,6 +1665,98 @@ class AlphaEngine:
                 self.save_outputs(out_dir)
         self.save_outputs(out_dir)
         return self.best_strategy()
+
+
+# -----------------------------------------------------------------------------
+# report: the numbers a quant reads, as JSON fields and as a table
+
+SECONDS_PER_YEAR = 365.25 * 86400          # crypto trades around the clock
+REPORT_DEFINITIONS = {
+    "score": "the fitness the search maximises: median over tokens of (sum of pnl - 2 x bars losing more than 5%), "
+             "-10 for a token with fewer than 5 trades",
+    "mean_return": "mean over tokens of the summed pnl (no penalties)",
+    "return_per_bar": "mean over tokens and bars of pnl: the per-bar return of equal sleeves per token",
+    "sharpe": "mean / std of the per-bar return; sharpe_annual scales it by sqrt(bars per year, 365.25 days)",
+    "max_drawdown": "largest fall of the cumulative per-bar return from its running peak (start 0), same units",
+    "exposure": "share of (token, bar) pairs holding a position; trades: entries (position 0 -> 1)",
+    "buy_and_hold": "long every token on every tradable bar, through the same backtest (fees, impact); no score: "
+                    "its one trade per token would get the -10 of fewer than 5 trades",
+    "random_p95_score": "95th percentile of the scores of uniformly random valid formulas on the same bars",
+}
+
+
+def curve_stats(pos: torch.Tensor, entries: torch.Tensor, returns: torch.Tensor, bar_s: int | None) -> dict:
+    """Positions and entries (N, T) and per-bar returns (T,) -> REPORT_DEFINITIONS' figures."""
+    curve = returns.cumsum(0)
+    peak = torch.cummax(curve, 0).values.clamp(min=0)
+    std = returns.std().item() if len(returns) > 1 else 0.0
+    sharpe = returns.mean().item() / std if std > 0 else None
+    annual = sharpe * math.sqrt(SECONDS_PER_YEAR / bar_s) if sharpe is not None and bar_s else None
+    return {"return_per_bar": returns.mean().item(), "sharpe": sharpe, "sharpe_annual": annual,
+            "max_drawdown": (peak - curve).max().item(), "trades": int(entries.sum()),
+            "exposure": pos.float().mean().item(), "bars": pos.shape[-1]}
+
+
+REPORT_ROWS = [  # (label, keys into a split's report, format)
+    ("score (median over tokens, penalised)", ("score",), "{:.4f}"),
+    ("mean return (over tokens, summed)", ("mean_return",), "{:.4f}"),
+    ("return per bar (over tokens and bars)", ("return_per_bar",), "{:.3e}"),
+    ("Sharpe per bar", ("sharpe",), "{:.4f}"),
+    ("Sharpe annualised", ("sharpe_annual",), "{:.2f}"),
+    ("max drawdown", ("max_drawdown",), "{:.4f}"),
+    ("trades", ("trades",), "{}"),
+    ("exposure", ("exposure",), "{:.2%}"),
+    ("bars", ("bars",), "{}"),
+    ("random formulas: 95th percentile score", ("random_p95_score",), "{:.4f}"),
+    ("buy and hold: return per bar", ("buy_and_hold", "return_per_bar"), "{:.3e}"),
+    ("buy and hold: Sharpe annualised", ("buy_and_hold", "sharpe_annual"), "{:.2f}"),
+    ("buy and hold: max drawdown", ("buy_and_hold", "max_drawdown"), "{:.4f}"),
+]
+
+
+def report_table(result: dict) -> str:
+    """best_strategy() / eval_formula's result as a table, train beside held-out, with what score means and the
+    verdict against random formulas."""
+    def cell(part, keys, fmt):
+        value = result[part]
+        for key in keys:
+            value = value[key]
+        return "n/a" if value is None else fmt.format(value)
+
+    split = result["split"]
+    bar = "unknown" if split["bar_seconds"] is None else format_bar(split["bar_seconds"])
+    lines = [f"{'':40} {'train':>12} {'held-out':>12}   (split at {split['split_time']}, --test-frac "
+             f"{split['test_frac']}, {bar} bars, {split['tokens']} tokens)"]
+    lines += [f"{label:40} {cell('train', keys, fmt):>12} {cell('test', keys, fmt):>12}"
+              for label, keys, fmt in REPORT_ROWS]
+    lines += [f"score: {REPORT_DEFINITIONS['score']}; return per bar and mean return are plain means",
+              result["verdict"]]
+    return "\n".join(lines)
+
+
+def plot_equity(engine: AlphaEngine, ids: list[int], path: Path) -> str:
+    """The formula's cumulative per-bar return against buy-and-hold over the whole period, a line at the split,
+    as a PNG at path; returns the line to print (matplotlib missing: only the plot is skipped)."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return "equity plot skipped: matplotlib is not installed (pip install matplotlib)"
+    data, when = engine.data, engine.times.astype("datetime64[s]")
+    factors = engine.formula_values(ids, data)
+    fig, ax = plt.subplots(figsize=(10, 4))
+    for label, held in (("formula", torch.zeros_like(data.target) if factors is None else factors),
+                        ("buy and hold", torch.full_like(data.target, VALUE_CLIP))):
+        ax.plot(when, engine.portfolio(held, data)[2].cumsum(0).cpu().numpy(), label=label)
+    ax.axvline(when[engine.split], color="grey", linestyle="--", label="held-out starts")
+    ax.set(title=engine.vocab.infix(ids), ylabel="cumulative return per token")
+    ax.legend()
+    fig.autofmt_xdate()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return f"equity curve written to {path}"
 
 
 # -----------------------------------------------------------------------------
@@ -1578,7 +1861,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--seed-synthetic", action="store_true", help="write the synthetic market (--synthetic-tokens, "
                         "--synthetic-bars, --seed) into the database, then exit")
     parser.add_argument("--eval-formula", metavar="FILE", help="score a saved best_meme_strategy.json on the data "
-                        "(full period, train part, held-out part), then exit")
+                        "(full period, train part, held-out part): the report table, FILE_equity.png (the equity "
+                        "curve against buy-and-hold, with matplotlib) and the JSON, then exit")
     parser.add_argument("--bench", action="store_true", help="print formulas/s batched vs one by one, and Postgres "
                         "COPY vs SELECT load time when a DB is configured, then exit")
     parser.add_argument("--bench-formulas", type=int, default=512, help="formulas scored batched in --bench")
@@ -1586,7 +1870,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--resume", action="store_true", help="continue from OUT_DIR/ckpt.pt (flags given now "
                         "override the checkpoint's config; its DSN is stored without the password, so give --db "
                         "again if the database needs one)")
-    add_config_flags(parser, AlphaConfig, helps=FIELD_HELP, choices={"factors": sorted(FACTOR_SETS)})
+    add_config_flags(parser, AlphaConfig, helps=FIELD_HELP,
+                     choices={"factors": sorted(FACTOR_SETS), "mixed_frequency": list(MIXED_FREQUENCY)})
     return parser
 
 
@@ -1627,9 +1912,10 @@ def eval_formula(cfg: AlphaConfig, path: str) -> dict:
     print(report)
     engine = AlphaEngine(dataclasses.replace(cfg, factors=factors), frame)
     ids = engine.vocab.encode(names)
-    result = {"formula": engine.vocab.infix(ids), "factors": factors}
-    for part, data in (("full", engine.data), ("train", engine.train_data), ("test", engine.test_data)):
-        result[part] = engine.score_one(ids, data)
+    result = {"formula": engine.vocab.infix(ids), "factors": factors, "split": engine.split_info(),
+              "full": engine.split_report(ids, engine.data), **engine.report(ids)}
+    print(report_table(result))
+    print(plot_equity(engine, ids, Path(path).with_name(Path(path).stem + "_equity.png")))
     print(json.dumps(result, indent=2))
     return result
 
@@ -1649,14 +1935,14 @@ def train(cfg: AlphaConfig, explicit: dict, resume: bool) -> dict:
     engine = AlphaEngine(cfg, frame)
     if ckpt is not None:
         engine.load_state(ckpt)
-    print(f"train bars {engine.train_data.feat.shape[-1]}, held-out bars {engine.test_data.feat.shape[-1]}, "
-          f"features {engine.vocab.features}, device {engine.device}")
+    print(f"train bars {engine.split}, held-out bars {len(engine.times) - engine.split} (from "
+          f"{engine.split_info()['split_time']}), features {engine.vocab.features}, device {engine.device}")
     best = engine.train(out_dir)
     if best["test"] is None:
         print(f"no valid, non-degenerate formula found; outputs written to {out_dir}")
     else:
-        print(f"best formula: {best['formula']}\n  train score {best['train_score']:.4f} | held-out score "
-              f"{best['test']['score']:.4f} | written to {out_dir / 'best_meme_strategy.json'}")
+        print(f"best formula: {best['formula']}\n{report_table(best)}\nwritten to "
+              f"{out_dir / 'best_meme_strategy.json'}")
     return best
 
 

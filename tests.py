@@ -3116,6 +3116,333 @@ def test_ag_db_cli_trains_on_ohlcv_only_data_with_a_liquidity_model(ag_ready_sch
     assert "4 tokens x 150 bars" in trained.stdout
 
 
+def _ag_iso(t):
+    return np.datetime_as_string(np.datetime64(int(t), "s")) + "Z"
+
+
+def _ag_csv(frame, keep=None):
+    """ingest_csv's CSV of the frame's (token, bar) pairs where keep (N, T) is True (default: all)."""
+    N, T = len(frame.addresses), len(frame.times)
+    keep = np.ones((N, T), dtype=bool) if keep is None else keep
+    lines = ["address,time,symbol," + ",".join(ag.FIELDS) + "\n"]
+    for i, t in zip(*np.nonzero(keep)):
+        values = ",".join(f"{v:.9g}" for v in frame.values[:, i, t])
+        lines.append(f"{frame.addresses[i]},{_ag_iso(frame.times[t])},{frame.symbols[i]},{values}\n")
+    return "".join(lines)
+
+
+# ---- the universe is chosen on the training period only
+
+
+@_ag_needs_db
+def test_ag_universe_is_chosen_without_the_held_out_part(ag_schema):
+    """Change only the held-out liquidity of the tokens left out (x1000, stored with --upsert): the chosen tokens
+    must not change. The same change in the training part does change them (the ranking is live)."""
+    import io
+    conn, schema = ag_schema
+    ag.init_schema(conn, schema)
+    frame = ag.synthetic_market(6, 100, seed=4)
+    ag.ingest_csv(conn, schema, io.StringIO(_ag_csv(frame)), "mem")
+    chosen, _ = ag.load_frame(conn, schema, 3, test_frac=0.3)
+    assert chosen.split_time == frame.times[70]
+    left_out = np.array([a not in chosen.addresses for a in frame.addresses])
+    boosted = dataclasses.replace(frame, values=frame.values.copy())
+    boosted.values[ag.FIELDS.index("liquidity")] *= 1000
+    held_out = np.zeros((6, 100), dtype=bool)
+    held_out[left_out, 70:] = True
+    ag.ingest_csv(conn, schema, io.StringIO(_ag_csv(boosted, held_out)), "held-out.csv", upsert=True)
+    again, _ = ag.load_frame(conn, schema, 3, test_frac=0.3)
+    assert again.addresses == chosen.addresses
+    # the engine splits the loaded market where the universe was chosen
+    engine = ag.AlphaEngine(ag.AlphaConfig(device="cpu"), ag.clean_market(again)[0])
+    assert engine.split == 70 and engine.split_info()["split_time"] == _ag_iso(frame.times[70])
+    train_part = np.zeros((6, 100), dtype=bool)
+    train_part[np.flatnonzero(left_out)[0], :70] = True
+    ag.ingest_csv(conn, schema, io.StringIO(_ag_csv(boosted, train_part)), "train.csv", upsert=True)
+    third, _ = ag.load_frame(conn, schema, 3, test_frac=0.3)
+    assert frame.addresses[np.flatnonzero(left_out)[0]] == third.addresses[0]
+
+
+# ---- held-out formula values are the full-series values, sliced
+
+
+def test_ag_held_out_formula_values_equal_the_full_series_values_sliced():
+    frame, _ = ag.clean_market(ag.synthetic_market(6, 300, seed=3))
+    engine = ag.AlphaEngine(ag.AlphaConfig(device="cpu", eval_chunk=16), frame)
+    vocab, full, test, split = engine.vocab, engine.data, engine.test_data, engine.split
+    assert split == 210 and test.target.shape[-1] == 90
+    gen = torch.Generator().manual_seed(0)
+    lagged = [vocab.encode(f) + [vocab.end] * (12 - len(f)) for f in
+              (["PRESSURE", "DELAY1"], ["VOL", "JUMP"], ["RET", "DECAY"], ["DEV", "MAX3"])]
+    tokens = torch.cat([torch.tensor(lagged), ag.sample_formulas(vocab, 12, 120, "cpu", generator=gen)])
+    values, valid = engine.vm.execute_batch(tokens, full.feat)
+    cold, _ = engine.vm.execute_batch(tokens, full.feat[..., split:].contiguous())    # restarted at the boundary
+    rewards, usable = engine.score_formulas(tokens, test)
+    differ = 0
+    for i, row in enumerate(tokens.tolist()):
+        warm = engine.formula_values(row, test)
+        torch.testing.assert_close(warm, values[i, :, split:], rtol=0, atol=0)
+        expect = engine.score_values(values[i, :, split:], test)["score"]
+        assert rewards[i].item() == pytest.approx(expect, abs=1e-5)
+        assert engine.score_one(row, test)["score"] == pytest.approx(expect, abs=1e-5)
+        differ += not torch.equal(cold[i], values[i, :, split:])
+    assert differ >= 4                                   # the lagged ones at least: the test can tell
+    for row in lagged:                                   # the training part is the full series' first bars
+        torch.testing.assert_close(engine.formula_values(row, engine.train_data),
+                                   engine.vm.execute(row, full.feat)[:, :split], rtol=0, atol=0)
+
+
+# ---- no back-fill of prices from a token's future
+
+
+def test_ag_a_token_before_its_first_bar_is_masked_not_filled_from_its_future():
+    frame = ag.synthetic_market(3, 200, seed=1)
+    frame.values[:, 1, :80] = np.nan                              # token 1 lists at bar 80
+    changed = dataclasses.replace(frame, values=frame.values.copy())
+    rng = np.random.default_rng(0)
+    changed.values[:, 1, 80:] *= rng.lognormal(0, 0.3, changed.values[:, 1, 80:].shape).astype(np.float32)
+    (a_frame, report), (b_frame, _) = ag.clean_market(frame), ag.clean_market(changed)
+    assert a_frame.first_bar.tolist() == [0, 80, 0] and "1 tokens untradable before their first bar" in report
+    vocab = ag.FormulaVocab(ag.AdvancedFactorEngineer.NAMES)
+    vm = ag.StackVM(vocab)
+    tokens = ag.sample_formulas(vocab, 12, 200, "cpu", generator=torch.Generator().manual_seed(1))
+    for liquidity in ("column", "unlimited"):
+        a = ag.build_market_data(a_frame, "advanced", torch.device("cpu"), liquidity)
+        b = ag.build_market_data(b_frame, "advanced", torch.device("cpu"), liquidity)
+        assert a.feat[:, 1, :80].abs().max() == 0 and a.liquidity[1, :80].abs().max() == 0
+        torch.testing.assert_close(a.feat[:, 1, :80], b.feat[:, 1, :80], rtol=0, atol=0)
+        va, _ = vm.execute_batch(tokens, a.feat)
+        vb, _ = vm.execute_batch(tokens, b.feat)
+        torch.testing.assert_close(va[:, 1, :80], vb[:, 1, :80], rtol=0, atol=0)
+        assert not torch.allclose(a.feat[:, 1, 80:], b.feat[:, 1, 80:])
+    engine = ag.AlphaEngine(ag.AlphaConfig(device="cpu", liquidity="unlimited"), a_frame)
+    pos, entries, _ = engine.backtest.bar_pnl(torch.full_like(engine.data.target, ag.VALUE_CLIP),
+                                              engine.data.liquidity, engine.data.target)
+    assert not pos[1, :80].any() and pos[1, 80:].all() and entries[1, 80]     # enters at its first bar
+
+
+# ---- instruments of different bar lengths
+
+
+def _ag_mixed_frame():
+    """Token A on 1-minute bars, token B on 5-minute bars, over 500 minutes (from the synthetic market)."""
+    frame = ag.synthetic_market(2, 500, seed=2)
+    frame.symbols[:] = ["A", "B"]
+    frame.values[:, 1, np.arange(500) % 5 != 0] = np.nan
+    return frame
+
+
+def test_ag_mixed_bar_lengths_are_refused_in_one_line_or_resampled():
+    frame = _ag_mixed_frame()
+    with pytest.raises(ag.AlphaError) as info:
+        ag.align_frequencies(frame, "refuse")
+    message = str(info.value)
+    assert "1m bars: 1 tokens (A)" in message and "5m bars: 1 tokens (B)" in message and "\n" not in message
+    assert "--mixed-frequency resample" in message
+    resampled, note = ag.align_frequencies(frame, "resample")
+    assert note.startswith("resampled to 5m bars")
+    assert np.array_equal(resampled.times, frame.times[::5])
+    f = {name: frame.field(name)[0].reshape(100, 5) for name in ag.FIELDS}
+    r = {name: resampled.field(name)[0] for name in ag.FIELDS}
+    np.testing.assert_array_equal(r["open"], f["open"][:, 0])
+    np.testing.assert_array_equal(r["high"], f["high"].max(1))
+    np.testing.assert_array_equal(r["low"], f["low"].min(1))
+    np.testing.assert_array_equal(r["close"], f["close"][:, -1])
+    np.testing.assert_allclose(r["volume"], f["volume"].sum(1), rtol=1e-6)
+    np.testing.assert_array_equal(r["liquidity"], f["liquidity"][:, -1])
+    np.testing.assert_array_equal(resampled.values[:, 1], frame.values[:, 1, ::5])    # B is unchanged
+    same, note = ag.align_frequencies(ag.synthetic_market(2, 50, seed=0), "refuse")
+    assert note == "" and same.values.shape[-1] == 50
+    with pytest.raises(ag.AlphaError, match="--mixed-frequency must be one of refuse, resample"):
+        ag.AlphaConfig(mixed_frequency="ffill")
+
+
+@_ag_needs_db
+def test_ag_db_cli_refuses_mixed_bar_lengths_and_resamples_them_on_request(ag_schema, tmp_path):
+    conn, schema = ag_schema
+    frame = _ag_mixed_frame()
+    path = tmp_path / "mixed.csv"
+    path.write_text(_ag_csv(frame, ~np.isnan(frame.values[0])))
+    db = ["--db", _AG_DSN, "--db-schema", schema]
+    assert _ag_run(*db, "--ingest", str(path)).returncode == 0
+    small = ["--train-steps", "1", "--batch-size", "8", "--baseline-formulas", "20", "--out-dir", str(tmp_path / "r")]
+    refused = _ag_run(*db, *small)
+    assert refused.returncode != 0 and len(refused.stderr.strip().splitlines()) == 1
+    assert "different bar lengths" in refused.stderr and "Traceback" not in refused.stderr
+    trained = _ag_run(*db, *small, "--mixed-frequency", "resample")
+    assert trained.returncode == 0, trained.stderr
+    assert "resampled to 5m bars" in trained.stdout and "2 tokens x 100 bars" in trained.stdout
+
+
+# ---- the report, against a direct computation on a hand-built market
+
+
+def _ag_hand_market():
+    """2 tokens x 60 one-minute bars: A rises 1% a bar with a 10% drop every 12th bar, B zigzags +-3%;
+    liquidity 1e5 (impact 1%), B untradable (liquidity 0) on bars 40-44."""
+    T = 60
+    steps_a = np.where(np.arange(T) % 12 == 11, -0.10, 0.01)
+    steps_b = np.where(np.arange(T) % 2 == 0, 0.03, -0.03)
+    values = np.zeros((len(ag.FIELDS), 2, T))
+    for i, steps in enumerate((steps_a, steps_b)):
+        o = np.exp(np.concatenate([[0.0], np.cumsum(steps)[:-1]]))
+        c = o * np.exp(steps)
+        for name, v in (("open", o), ("close", c), ("high", np.maximum(o, c) * 1.01),
+                        ("low", np.minimum(o, c) * 0.99), ("volume", 1e4 * (1 + np.arange(T) % 7)),
+                        ("liquidity", np.full(T, 1e5)), ("fdv", np.full(T, 1e6)),
+                        ("buy_volume", np.full(T, 6e3)), ("sell_volume", np.full(T, 4e3))):
+            values[ag.FIELDS.index(name), i] = v
+    values[ag.FIELDS.index("liquidity"), 1, 40:45] = 0.0
+    times = 1704067200 + 60 * np.arange(T, dtype=np.int64)
+    return ag.MarketFrame(["a", "b"], ["A", "B"], times, values.astype(np.float32))
+
+
+def _ag_direct(frame, factors, start, end):
+    """Per-bar pnl of factors (N, T) on bars [start, end), written the plain way from the backtest's docstring."""
+    o = frame.field("open").astype(np.float64)
+    liq = frame.field("liquidity")[:, start:end].astype(np.float64)
+    ret = np.zeros_like(o)
+    ret[:, :-2] = np.log(o[:, 2:] / o[:, 1:-1])
+    ret = ret[:, start:end].copy()
+    ret[:, -2:] = 0
+    pos = (1 / (1 + np.exp(-factors.astype(np.float64))) > 0.85) & (liq > 5000)
+    prev = np.concatenate([np.zeros((pos.shape[0], 1), dtype=bool), pos[:, :-1]], 1)
+    cost = 0.005 + np.minimum(1000 / np.maximum(liq, 1e-300), 0.05)
+    return pos, pos & ~prev, pos * ret - (pos != prev) * cost
+
+
+def _ag_curve(pnl):
+    r = pnl.mean(0)
+    curve, peak, drawdown = 0.0, 0.0, 0.0
+    for x in r:
+        curve += x
+        peak = max(peak, curve)
+        drawdown = max(drawdown, peak - curve)
+    return r, drawdown
+
+
+def test_ag_report_fields_match_a_direct_computation_on_a_hand_built_market():
+    frame, _ = ag.clean_market(_ag_hand_market())
+    engine = ag.AlphaEngine(ag.AlphaConfig(device="cpu", test_frac=0.5, baseline_formulas=50), frame)
+    ids = engine.vocab.encode(["PRESSURE", "PRESSURE", "ADD", "PRESSURE", "ADD"])   # long on up bars: 3 x PRESSURE
+                                                                                   # > logit(0.85) there
+    report = engine.report(ids)
+    assert engine.split_info() == {"test_frac": 0.5, "split_time": _ag_iso(frame.times[30]), "train_bars": 30,
+                                   "test_bars": 30, "bar_seconds": 60, "first_time": _ag_iso(frame.times[0]),
+                                   "last_time": _ag_iso(frame.times[-1]), "tokens": 2}
+    pressure = 3 * engine.data.feat[engine.vocab.features.index("PRESSURE")].numpy()
+    per_year = 365.25 * 86400 / 60
+    for part, (start, end) in (("train", (0, 30)), ("test", (30, 60))):
+        got = report[part]
+        for label, factors in (("formula", pressure[:, start:end]), ("buy and hold", np.full((2, end - start), 1e4))):
+            stats = got if label == "formula" else got["buy_and_hold"]
+            pos, entries, pnl = _ag_direct(frame, factors, start, end)
+            r, drawdown = _ag_curve(pnl)
+            assert stats["bars"] == 30 and stats["trades"] == entries.sum(), (part, label)
+            assert stats["exposure"] == pytest.approx(pos.mean()), (part, label)
+            assert stats["return_per_bar"] == pytest.approx(r.mean(), abs=1e-7), (part, label)
+            assert stats["max_drawdown"] == pytest.approx(drawdown, abs=1e-6), (part, label)
+            sharpe = r.mean() / r.std(ddof=1)
+            assert stats["sharpe"] == pytest.approx(sharpe, rel=1e-4), (part, label)
+            assert stats["sharpe_annual"] == pytest.approx(sharpe * math.sqrt(per_year), rel=1e-4), (part, label)
+        assert got["mean_return"] == pytest.approx(got["return_per_bar"] * 30, abs=1e-5)   # summed vs per bar
+        assert got["score"] == engine.score_one(ids, getattr(engine, f"{part}_data"))["score"]
+        scores = ag.random_valid_scores(engine, 50, 0, getattr(engine, f"{part}_data"))
+        assert got["random_p95_score"] == pytest.approx(np.percentile(scores, 95))
+    assert report["test"]["buy_and_hold"]["trades"] == 3          # A once, B once and again after its dry bars
+    assert report["beats_random_out_of_sample"] == (report["test"]["score"] > report["test"]["random_p95_score"])
+
+
+def test_ag_beats_random_line_says_yes_for_the_planted_signal_and_no_for_its_opposite():
+    frame, _ = ag.clean_market(ag.synthetic_market(16, 600, seed=0))
+    engine = ag.AlphaEngine(ag.AlphaConfig(device="cpu", baseline_formulas=100), frame)
+    signal = ["PRESSURE", "PRESSURE", "ADD", "PRESSURE", "ADD"]    # 3 x the planted signal: enters on strong bars
+    good = engine.report(engine.vocab.encode(signal))
+    bad = engine.report(engine.vocab.encode(signal + ["NEG"]))
+    assert good["beats_random_out_of_sample"] and good["verdict"].startswith("held-out: the formula BEATS")
+    assert not bad["beats_random_out_of_sample"] and "does NOT beat random formulas" in bad["verdict"]
+    p95 = good["test"]["random_p95_score"]
+    assert f"score {good['test']['score']:.4f}; their 95th percentile {p95:.4f}, of 100 random" in good["verdict"]
+    table = ag.report_table({**good, "split": engine.split_info()})
+    assert table.splitlines()[-1] == good["verdict"]
+    assert "score: the fitness the search maximises: median over tokens" in table
+
+
+# ---- resume is exact
+
+
+def test_ag_a_killed_and_resumed_run_gives_the_losses_of_the_uninterrupted_run(tmp_path, monkeypatch):
+    base = dict(synthetic_tokens=6, synthetic_bars=160, batch_size=16, train_steps=6, ckpt_every=2, device="cpu",
+                baseline_formulas=20)
+    whole = ag.AlphaConfig(out_dir=str(tmp_path / "whole"), **base)
+    ag.train(whole, {}, resume=False)
+    killed = ag.AlphaConfig(out_dir=str(tmp_path / "killed"), **base)
+    step = ag.AlphaEngine.train_step
+
+    def dies_after_step_3(self):                 # killed after step 3: the checkpoint on disk is step 2's
+        record = step(self)
+        if self.step == 3:
+            raise KeyboardInterrupt
+        return record
+
+    monkeypatch.setattr(ag.AlphaEngine, "train_step", dies_after_step_3)
+    with pytest.raises(KeyboardInterrupt):
+        ag.train(killed, {}, resume=False)
+    monkeypatch.setattr(ag.AlphaEngine, "train_step", step)
+    assert len(json.loads((tmp_path / "killed" / "training_history.json").read_text())) == 2
+    ag.train(killed, {}, resume=True)
+    histories = [json.loads((tmp_path / run / "training_history.json").read_text()) for run in ("whole", "killed")]
+    assert [h["step"] for h in histories[1]] == list(range(6))
+    assert [h["loss"] for h in histories[1]] == [h["loss"] for h in histories[0]]
+    assert histories[1] == histories[0]
+    models = [torch.load(tmp_path / run / "ckpt.pt", weights_only=True)["model"] for run in ("whole", "killed")]
+    assert all(torch.equal(models[0][k], models[1][k]) for k in models[0])
+
+
+# ---- the CLI: JSON fields, the end-of-run table, --eval-formula's table and plot
+
+
+def test_ag_cli_report_json_table_and_eval_formula_plot(tmp_path):
+    out = tmp_path / "run"
+    market = ["--synthetic-tokens", "8", "--synthetic-bars", "240", "--baseline-formulas", "50"]
+    trained = _ag_run(*market, "--batch-size", "16", "--train-steps", "3", "--out-dir", str(out))
+    assert trained.returncode == 0, trained.stderr
+    strategy = json.loads((out / "best_meme_strategy.json").read_text())
+    times = 1704067200 + 60 * np.arange(240)
+    assert strategy["split"] == {"test_frac": 0.3, "split_time": _ag_iso(times[168]), "train_bars": 168,
+                                 "test_bars": 72, "bar_seconds": 60, "first_time": _ag_iso(times[0]),
+                                 "last_time": _ag_iso(times[-1]), "tokens": 8}
+    fields = {"score", "mean_return", "return_per_bar", "sharpe", "sharpe_annual", "max_drawdown", "trades",
+              "exposure", "bars", "random_p95_score", "buy_and_hold", "valid"}
+    for part, bars in (("train", 168), ("test", 72)):
+        assert set(strategy[part]) >= fields and strategy[part]["bars"] == bars
+        assert set(strategy[part]["buy_and_hold"]) >= fields - {"score", "mean_return", "random_p95_score",
+                                                                 "buy_and_hold", "valid"}
+    test = strategy["test"]
+    assert strategy["beats_random_out_of_sample"] == (test["score"] > test["random_p95_score"])
+    assert strategy["train_score"] == strategy["train"]["score"] and "score" in strategy["definitions"]
+    for words in ("score (median over tokens, penalised)", "return per bar", "Sharpe annualised", "max drawdown",
+                  "trades", "exposure", "random formulas: 95th percentile score", "buy and hold: return per bar",
+                  f"{test['score']:.4f}", "split at " + _ag_iso(times[168]), strategy["verdict"]):
+        assert words in trained.stdout, words
+    scored = _ag_run("--eval-formula", str(out / "best_meme_strategy.json"), *market)
+    assert scored.returncode == 0, scored.stderr
+    result = json.loads(scored.stdout[scored.stdout.index("{"):])
+    assert result["train"] == strategy["train"] and result["test"] == strategy["test"]
+    assert result["full"]["bars"] == 240 and strategy["verdict"] in scored.stdout
+    table = trained.stdout[trained.stdout.index("score (median"):trained.stdout.index(strategy["verdict"])]
+    assert table in scored.stdout                                  # the same table
+    png = out / "best_meme_strategy_equity.png"
+    has_mpl = subprocess.run([sys.executable, "-c", "import matplotlib"], env=_AG_ENV).returncode == 0
+    if has_mpl:
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and f"equity curve written to {png}" in scored.stdout
+    else:
+        assert not png.exists()
+        assert "equity plot skipped: matplotlib is not installed (pip install matplotlib)" in scored.stdout
+    bad = _ag_run("--mixed-frequency", "ffill")
+    assert bad.returncode != 0 and "invalid choice" in bad.stderr and len(bad.stderr.strip().splitlines()) == 1
+
+
 # ======================================================================================
 # ctm_master.py
 
