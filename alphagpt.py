@@ -37,6 +37,7 @@ import math
 import os
 import re
 import uuid
+from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -78,6 +79,7 @@ class AlphaConfig:
     train_steps: int = 200
     max_formula_len: int = 12
     eval_chunk: int = 32              # formulas evaluated together by the batched VM + backtest
+    score_cache: int = 4096           # formula -> score entries kept across training steps (LRU); 0: off
     lr: float = 1e-3
     entropy_coef: float = 0.01
     value_coef: float = 0.5
@@ -117,6 +119,7 @@ class AlphaConfig:
             (self.batch_size >= 2, "--batch-size must be >= 2 (advantages are normalised over the batch)"),
             (self.train_steps >= 0 and self.max_formula_len >= 1 and self.eval_chunk >= 1,
              "--train-steps must be >= 0, --max-formula-len and --eval-chunk >= 1"),
+            (self.score_cache >= 0, "--score-cache must be >= 0"),
             (self.baseline_formulas >= 20, "--baseline-formulas must be >= 20 (its 95th percentile is reported)"),
             (self.lr > 0 and self.entropy_coef >= 0 and self.value_coef >= 0,
              "--lr must be > 0, --entropy-coef and --value-coef >= 0"),
@@ -158,6 +161,8 @@ FIELD_HELP = {
     "train_steps": "policy-gradient steps",
     "max_formula_len": "maximum tokens per formula",
     "eval_chunk": "formulas per chunk in the batched VM + backtest (bounds memory: ~6 x chunk x tokens x time)",
+    "score_cache": "formula -> (score, usable) entries kept across training steps, least recently used dropped "
+                   "first; a converging policy samples the same formulas again (0: no cache)",
     "lr": "AdamW learning rate",
     "entropy_coef": "weight of the policy entropy bonus",
     "baseline_formulas": "uniformly random valid formulas scored on each split for the report's baseline (its "
@@ -599,6 +604,65 @@ class StackVM:
         index = torch.where(root_t >= 0, index, -1).to(dev)
         return self._rows(vals, slot[unique_roots]), index
 
+    def evaluate_memo(self, formulas: torch.Tensor | list[list[int]], feat_tensor: torch.Tensor):
+        """Memoised execution, same result as evaluate_unique: compile the batch, then compute each distinct node
+        that a valid root needs once, in creation order (children are created before their parents), with direct
+        calls on whole (N, T) tensors: no index gathers, no group copies. A value is freed after its last use;
+        features are cleaned once, when first read, and closed ops (CLOSED_OPS) are not cleaned at all.
+        Equal to execute() formula by formula (the same calls on the same values)."""
+        K = self.feat_offset
+        nodes, _, roots = self.compile(formulas.tolist() if isinstance(formulas, torch.Tensor) else formulas)
+        needed = [False] * (K + len(nodes))
+        for r in roots:
+            if r >= 0:
+                needed[r] = True
+        for i in range(len(nodes) - 1, -1, -1):                  # parents come after their children
+            if needed[K + i]:
+                for c in nodes[i][1:]:
+                    needed[c] = True
+        last_use = [-1] * len(needed)
+        for i, node in enumerate(nodes):
+            if needed[K + i]:
+                for c in node[1:]:
+                    last_use[c] = K + i
+        unique_roots = sorted({r for r in roots if r >= 0})
+        keep = set(unique_roots)
+        vals: dict[int, torch.Tensor] = {}
+        for i, node in enumerate(nodes):
+            me = K + i
+            if not needed[me]:
+                continue
+            args = []
+            for c in node[1:]:
+                if c < K and c not in vals:
+                    vals[c] = clean_values(feat_tensor[c])
+                args.append(vals[c])                              # a freed value here is a bug: KeyError
+            fn, _, clean = self.ops[node[0]]
+            out = fn(*args)                                       # every unclosed op returns a fresh tensor
+            vals[me] = out.nan_to_num_(0.0).clamp_(-VALUE_CLIP, VALUE_CLIP) if clean else out
+            for c in set(node[1:]):
+                if last_use[c] == me and c not in keep:
+                    del vals[c]
+        if not unique_roots:
+            return feat_tensor.new_empty((0,) + feat_tensor.shape[1:]), torch.full(
+                (len(roots),), -1, dtype=torch.long, device=feat_tensor.device)
+        values = torch.stack([vals[r] if r in vals else clean_values(feat_tensor[r]) for r in unique_roots])
+        pos = {r: j for j, r in enumerate(unique_roots)}
+        index = torch.tensor([pos[r] if r >= 0 else -1 for r in roots], dtype=torch.long, device=feat_tensor.device)
+        return values, index
+
+    def evaluate(self, formulas: torch.Tensor | list[list[int]], feat_tensor: torch.Tensor):
+        """The fastest batched path for the device (values of the distinct roots, index; see evaluate_unique).
+        CPU: evaluate_memo. Measured on 2 CPU cores (issue 16): the level-by-level groups are 0.93x of a plain
+        one-by-one loop there (their gathers and group copies cost more than the calls they save), the memoised
+        walk 2.6x. CUDA: evaluate_unique, kept because there the cost is one kernel launch per call and the
+        groups make one launch per (height, operator) instead of one per node; a GPU was not measured here."""
+        if feat_tensor.is_cuda:
+            if not isinstance(formulas, torch.Tensor):
+                formulas = torch.tensor(formulas, dtype=torch.long)
+            return self.evaluate_unique(formulas, feat_tensor)
+        return self.evaluate_memo(formulas, feat_tensor)
+
     @staticmethod
     def _rows(vals: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
         """vals[idx] for a CPU index: a view when the rows are consecutive (no copy), else a gather."""
@@ -608,9 +672,11 @@ class StackVM:
         return vals.index_select(0, idx.to(vals.device))
 
     def execute_batch(self, formulas: torch.Tensor, feat_tensor: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """All formulas at once (see evaluate_unique).  formulas: (F, L) -> values (F, N, T) (zeros where
+        """All formulas at once (see evaluate).  formulas: (F, L) -> values (F, N, T) (zeros where
         invalid), valid (F,) bool; equal to execute() formula by formula."""
-        unique_values, index = self.evaluate_unique(formulas, feat_tensor)
+        unique_values, index = self.evaluate(formulas, feat_tensor)
+        if len(unique_values) == 0:
+            return feat_tensor.new_zeros((len(index),) + feat_tensor.shape[1:]), index >= 0
         valid = index >= 0
         values = torch.where(valid[:, None, None], unique_values[index.clamp(min=0)], 0.0)
         return values, valid
@@ -1418,6 +1484,7 @@ class MemeBacktest:
 
 
 INVALID_REWARD, DEGENERATE_REWARD = -5.0, -2.0
+CPU_BACKTEST_GROUP = 4          # formulas backtested together on CPU (see AlphaEngine.score_batch)
 
 
 @torch.no_grad()
@@ -1449,7 +1516,7 @@ def random_valid_scores(engine: "AlphaEngine", n: int, seed: int, data: MarketDa
     """Out-of-sample style baseline: fitness of n uniformly sampled grammar-valid, non-degenerate formulas."""
     gen = torch.Generator(device=engine.device).manual_seed(seed)
     tokens = sample_formulas(engine.vocab, engine.cfg.max_formula_len, n, engine.device, generator=gen)
-    rewards, ok = engine.score_formulas(tokens, data)
+    rewards, ok = engine.score_batch(tokens, data)        # not through the training cache: another split's data
     return rewards[ok].cpu().numpy()
 
 
@@ -1486,19 +1553,78 @@ class AlphaEngine:
         self.best = {"score": -math.inf, "tokens": [], "step": -1}
         self.history: list[dict] = []
         self.baselines: dict[str, float] = {}      # split name -> 95th percentile of random formulas' scores
+        # cross-step cache: canonical formula (tokens up to END) -> (reward, usable), for the data it was scored on
+        self.score_cache: OrderedDict[tuple[int, ...], tuple[float, bool]] = OrderedDict()
+        self._cache_data: tuple | None = None
+        self.cache_hits = self.cache_lookups = 0
+
+    def canonical(self, formula: list[int]) -> tuple[int, ...]:
+        """The tokens that define a formula: those before the first END (the padding after it is irrelevant)."""
+        end = self.vocab.end
+        return tuple(formula[: formula.index(end)] if end in formula else formula)
+
+    @staticmethod
+    def data_fingerprint(data: MarketData) -> list:
+        """What a saved score cache must match to be reused: the training data's shape and sums."""
+        return [list(data.feat.shape), *(float(t.double().sum()) for t in (data.feat, data.liquidity, data.target))]
+
+    def cache_stats(self) -> dict:
+        rate = self.cache_hits / self.cache_lookups if self.cache_lookups else 0.0
+        return {"hits": self.cache_hits, "lookups": self.cache_lookups, "hit_rate": rate,
+                "entries": len(self.score_cache), "capacity": self.cfg.score_cache}
 
     def score_formulas(self, tokens: torch.Tensor, data: MarketData) -> tuple[torch.Tensor, torch.Tensor]:
-        """Rewards (F,) and a mask of valid, non-degenerate formulas. Chunks of eval_chunk formulas go through
-        the batched VM together; each distinct formula is backtested once."""
+        """Rewards (F,) and a mask of valid, non-degenerate formulas: score_batch, through the cross-step LRU
+        cache of score_cache entries (cleared when the data changes). Each distinct formula not in the cache is
+        scored once; the cached values are the ones score_batch gave, so hits equal recomputation."""
+        if self.cfg.score_cache == 0:
+            return self.score_batch(tokens, data)
+        market = (data.feat, data.liquidity, data.target)
+        if self._cache_data is None or any(a is not b for a, b in zip(market, self._cache_data)):
+            self.score_cache.clear()
+            self._cache_data = market
+        keys = [self.canonical(row) for row in tokens.tolist()]
+        cache = self.score_cache
+        missing = list(dict.fromkeys(k for k in keys if k not in cache))
+        self.cache_lookups += len(keys)
+        self.cache_hits += len(keys) - len(missing)
+        found = {k: cache[k] for k in dict.fromkeys(keys) if k in cache}
+        for k in found:
+            cache.move_to_end(k)
+        if missing:
+            width = max(1, max(len(k) for k in missing))
+            padded = torch.tensor([list(k) + [self.vocab.end] * (width - len(k)) for k in missing], dtype=torch.long)
+            rewards, usable = self.score_batch(padded, data)
+            for k, r, u in zip(missing, rewards.tolist(), usable.tolist()):
+                found[k] = cache[k] = (r, u)
+            while len(cache) > self.cfg.score_cache:
+                cache.popitem(last=False)
+        rewards = torch.tensor([found[k][0] for k in keys], dtype=torch.float32, device=self.device)
+        usable = torch.tensor([found[k][1] for k in keys], dtype=torch.bool, device=self.device)
+        return rewards, usable
+
+    def score_batch(self, tokens: torch.Tensor, data: MarketData) -> tuple[torch.Tensor, torch.Tensor]:
+        """Rewards (F,) and a mask of valid, non-degenerate formulas, no cache. Chunks of eval_chunk formulas go
+        through the VM's fastest batched path for the device (StackVM.evaluate); each distinct formula of a chunk
+        is backtested once."""
         rewards, usable = [], []
         for chunk in tokens.split(self.cfg.eval_chunk):
-            values, index = self.vm.evaluate_unique(chunk, data.feat)
+            values, index = self.vm.evaluate(chunk, data.feat)
+            if len(values) == 0:                                                          # no valid formula
+                rewards.append(torch.full((len(chunk),), INVALID_REWARD, device=self.device))
+                usable.append(torch.zeros(len(chunk), dtype=torch.bool, device=self.device))
+                continue
             values = data.scored(values)                                                  # (U, N, T), (f,)
             # one std per formula: on CPU, PyTorch's std(dim=1) over (U, N*T) is ~7x slower than a loop of
             # whole-tensor stds; on a GPU the loop would be U kernel launches instead of one
             std = values.flatten(1).std(1) if values.is_cuda else torch.stack([v.std() for v in values])
             degenerate = std < 1e-4                                                       # (U,)
-            fitness, _ = self.backtest.evaluate(values, data.liquidity, data.target)       # (U,)
+            # CPU: the backtest in groups of CPU_BACKTEST_GROUP formulas, whose (g, N, T) temporaries stay in the
+            # cache; a whole chunk's spill to memory (measured 3x slower at 32 formulas x 100 tokens x 1400 bars).
+            # CUDA: the whole chunk, one launch per op.
+            group = len(values) if values.is_cuda else CPU_BACKTEST_GROUP
+            fitness = torch.cat([self.backtest.evaluate(v, data.liquidity, data.target)[0]
+                                 for v in values.split(group)])                          # (U,)
             reward = torch.where(degenerate, DEGENERATE_REWARD, fitness)
             valid = index >= 0
             rewards.append(torch.where(valid, reward[index.clamp(min=0)], INVALID_REWARD))
@@ -1562,6 +1688,7 @@ class AlphaEngine:
             self.lord.step()
         record = {"step": self.step, "loss": loss.item(), "mean_reward": rewards.mean().item(),
                   "usable_frac": usable.float().mean().item(),
+                  "cache_hit_rate": self.cache_stats()["hit_rate"],
                   "best_score": self.best["score"] if self.best["tokens"] else None, **stats}
         if self.rank_monitor is not None and self.step % self.cfg.rank_every == 0:
             record["stable_rank"] = self.rank_monitor.compute()
@@ -1631,7 +1758,10 @@ class AlphaEngine:
         cuda_rng = torch.cuda.get_rng_state_all() if self.device.type == "cuda" else []   # GPU sampling draws here
         return {"config": config, "model": self.model.state_dict(),
                 "optimizer": self.optimizer.state_dict(), "step": self.step, "best": self.best,
-                "history": self.history, "rng": torch.get_rng_state(), "cuda_rng": cuda_rng}
+                "history": self.history, "rng": torch.get_rng_state(), "cuda_rng": cuda_rng,
+                "score_cache": {"data": self.data_fingerprint(self.train_data), "hits": self.cache_hits,
+                                "lookups": self.cache_lookups,
+                                "entries": [[list(k), r, u] for k, (r, u) in self.score_cache.items()]}}
 
     def load_state(self, ckpt: dict) -> None:
         try:
@@ -1641,6 +1771,11 @@ class AlphaEngine:
             torch.set_rng_state(ckpt["rng"])
             if ckpt.get("cuda_rng") and self.device.type == "cuda":
                 torch.cuda.set_rng_state_all(ckpt["cuda_rng"])
+            saved = ckpt.get("score_cache")
+            if saved and saved["data"] == self.data_fingerprint(self.train_data):   # a resumed run continues as
+                self.score_cache = OrderedDict((tuple(k), (r, u)) for k, r, u in saved["entries"])  # uninterrupted
+                self._cache_data = (self.train_data.feat, self.train_data.liquidity, self.train_data.target)
+                self.cache_hits, self.cache_lookups = saved["hits"], saved["lookups"]
         except (KeyError, RuntimeError, ValueError, TypeError) as exc:
             raise AlphaError(f"checkpoint does not fit this model (changed --d-model, --factors, ...?): "
                              f"{' '.join(str(exc).split())[:300]}") from None
@@ -1664,6 +1799,10 @@ class AlphaEngine:
             if self.step % self.cfg.ckpt_every == 0:
                 self.save_outputs(out_dir)
         self.save_outputs(out_dir)
+        stats = self.cache_stats()
+        if stats["lookups"]:
+            tqdm.write(f"score cache: {stats['hits']} of {stats['lookups']} formulas scored from the cache "
+                       f"({100 * stats['hit_rate']:.1f}%), {stats['entries']} entries of {stats['capacity']}")
         return self.best_strategy()
 
 
@@ -1763,10 +1902,56 @@ def plot_equity(engine: AlphaEngine, ids: list[int], path: Path) -> str:
 # benchmark
 
 
+BENCH_MARKET = {"synthetic_tokens": 100, "synthetic_bars": 2000}   # --bench's market unless the flags are given
+
+
+def public_loop_scores(engine: "AlphaEngine", tokens: torch.Tensor, data: MarketData) -> torch.Tensor:
+    """The public version's evaluation, re-implemented for the bench: one formula at a time, a Python stack VM
+    over the features that cleans every pushed value again (features included), then that formula's own
+    backtest: positions, turnover cost, pnl per bar, its score per token and the median. Same scores as ours."""
+    ops, K, end = engine.vm.ops, engine.vocab.n_feat, engine.vocab.end
+    bt = engine.backtest
+    liq, ret = data.liquidity, data.target
+    scores = []
+    for formula in tokens.tolist():
+        stack, ok = [], True
+        for tok in formula:
+            if tok == end:
+                break
+            if tok < K:
+                stack.append(clean_values(data.feat[tok]))
+                continue
+            fn, arity, _ = ops[tok - K]
+            if len(stack) < arity:
+                ok = False
+                break
+            args = stack[len(stack) - arity:]
+            del stack[len(stack) - arity:]
+            stack.append(clean_values(fn(*args)))
+        if not ok or len(stack) != 1:
+            scores.append(INVALID_REWARD)
+            continue
+        f = data.scored(stack[0])
+        if f.std() < 1e-4:
+            scores.append(DEGENERATE_REWARD)
+            continue
+        pos = ((f > bt.entry_logit) & (liq > bt.min_liquidity)).float()         # sigmoid(f) > entry, as a logit
+        prev = F.pad(pos, (1, 0))[:, :-1]
+        cost = (pos - prev).abs() * (bt.base_fee + (bt.trade_size_usd / liq).clamp(max=0.05))
+        pnl = pos * ret - cost
+        score = ((pos * ret).sum(-1) - cost.sum(-1)) - bt.drawdown_penalty * (pnl < -bt.drawdown_threshold).sum(-1)
+        trades = ((pos > 0) & (prev == 0)).sum(-1)
+        score = torch.where(trades < bt.min_trades, torch.full_like(score, bt.inactive_score), score)
+        scores.append(score.median().item())
+    return torch.tensor(scores)
+
+
 def bench(cfg: AlphaConfig, n_formulas: int, n_one_by_one: int) -> None:
-    """Formulas scored per second, batched (execute_batch + vectorised backtest) vs one by one (the seed's
-    loop: execute + backtest per formula), on the same synthetic data and formulas; then Postgres load time,
-    COPY TO STDOUT vs SELECT + fetchall, on the same synthetic market in a scratch schema."""
+    """Formulas scored per second: training's default evaluation (AlphaEngine.score_formulas: the device's
+    fastest batched VM path + the vectorised backtest, its cache emptied first) vs the public version's loop
+    (public_loop_scores: one formula at a time), on the same synthetic data and formulas, scores checked equal;
+    then Postgres load time, COPY TO STDOUT vs SELECT + fetchall, on the same synthetic market in a scratch
+    schema."""
     if not 1 <= n_one_by_one <= n_formulas:
         raise AlphaError("--bench-one-by-one must be in [1, --bench-formulas]")
     frame, report = clean_market(synthetic_market(cfg.synthetic_tokens, cfg.synthetic_bars, cfg.seed))
@@ -1776,25 +1961,33 @@ def bench(cfg: AlphaConfig, n_formulas: int, n_one_by_one: int) -> None:
     gen = torch.Generator(device=engine.device).manual_seed(cfg.seed)
     tokens = sample_formulas(engine.vocab, cfg.max_formula_len, n_formulas, engine.device, generator=gen)
     engine.score_formulas(tokens[: cfg.eval_chunk], data)                          # warm-up
+    public_loop_scores(engine, tokens[:2], data)
     subset = tokens[:n_one_by_one]
     out = {}  # what the timed calls computed
 
     def batched():
+        engine.score_cache.clear()
         out["batched"] = engine.score_formulas(tokens, data)[0]
 
     def one_by_one():
-        out["one_by_one"] = torch.tensor([engine.score_one(t.tolist(), data)["score"] for t in subset])
+        out["one_by_one"] = public_loop_scores(engine, subset, data)
 
     t_batched, = time_calls(batched, engine.device, 1, warmup=0)
     t_one, = time_calls(one_by_one, engine.device, 1, warmup=0)
     diff = (out["batched"][:n_one_by_one].cpu() - out["one_by_one"]).abs().max().item()
     rate_b, rate_1 = n_formulas / t_batched, len(subset) / t_one
     K, N, T = data.feat.shape
-    print(f"formula evaluation on {N} tokens x {T} bars, {engine.device}, {torch.get_num_threads()} threads, "
-          f"max_formula_len {cfg.max_formula_len}, eval_chunk {cfg.eval_chunk}")
-    print(f"  batched    : {n_formulas:5d} formulas in {t_batched:7.2f} s = {rate_b:9.1f} formulas/s")
-    print(f"  one by one : {len(subset):5d} formulas in {t_one:7.2f} s = {rate_1:9.1f} formulas/s")
-    print(f"  speed-up   : {rate_b / rate_1:.1f}x   (max |score difference| {diff:.2e})")
+    path = "batched groups (evaluate_unique)" if engine.device.type == "cuda" else "memoised nodes (evaluate_memo)"
+    print(f"formula evaluation on {N} tokens x {T} bars ({T - data.start} scored), {engine.device}, "
+          f"{torch.get_num_threads()} threads, max_formula_len {cfg.max_formula_len}, eval_chunk {cfg.eval_chunk}")
+    print(f"  training's default    : {n_formulas:5d} formulas in {t_batched:7.2f} s = {rate_b:9.1f} formulas/s"
+          f"   ({path}, score cache emptied first)")
+    print(f"  public one-by-one loop: {len(subset):5d} formulas in {t_one:7.2f} s = {rate_1:9.1f} formulas/s")
+    same = "identical scores" if diff <= 1e-4 else "SCORES DIFFER"
+    print(f"  speed-up   : {rate_b / rate_1:.1f}x   ({same} on the {len(subset)} formulas both scored: "
+          f"max |difference| {diff:.2e})")
+    if diff > 1e-4:
+        raise AlphaError(f"bench: the two evaluations disagree (max |score difference| {diff:.2e})")
     dsn = resolve_dsn(cfg)
     if not dsn:
         print("postgres: skipped (no --db and no DB_* variables)")
@@ -1863,8 +2056,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--eval-formula", metavar="FILE", help="score a saved best_meme_strategy.json on the data "
                         "(full period, train part, held-out part): the report table, FILE_equity.png (the equity "
                         "curve against buy-and-hold, with matplotlib) and the JSON, then exit")
-    parser.add_argument("--bench", action="store_true", help="print formulas/s batched vs one by one, and Postgres "
-                        "COPY vs SELECT load time when a DB is configured, then exit")
+    parser.add_argument("--bench", action="store_true", help="print formulas/s of training's default evaluation vs "
+                        "the public version's one-by-one loop (synthetic market, 100 tokens x 2000 bars unless "
+                        "--synthetic-tokens / --synthetic-bars say otherwise), and Postgres COPY vs SELECT load "
+                        "time when a DB is configured, then exit")
     parser.add_argument("--bench-formulas", type=int, default=512, help="formulas scored batched in --bench")
     parser.add_argument("--bench-one-by-one", type=int, default=128, help="formulas scored one by one in --bench")
     parser.add_argument("--resume", action="store_true", help="continue from OUT_DIR/ckpt.pt (flags given now "
@@ -1964,7 +2159,8 @@ def main(argv: list[str] | None = None) -> None:
         if args.init_db or args.ingest or args.seed_synthetic:
             run_db_commands(cfg, args)
         elif args.bench:
-            bench(cfg, args.bench_formulas, args.bench_one_by_one)
+            sizes = {k: v for k, v in BENCH_MARKET.items() if k not in explicit}   # the issue's size unless given
+            bench(dataclasses.replace(cfg, **sizes), args.bench_formulas, args.bench_one_by_one)
         elif args.eval_formula:
             eval_formula(cfg, args.eval_formula)
         else:

@@ -3443,6 +3443,114 @@ def test_ag_cli_report_json_table_and_eval_formula_plot(tmp_path):
     assert bad.returncode != 0 and "invalid choice" in bad.stderr and len(bad.stderr.strip().splitlines()) == 1
 
 
+@pytest.fixture(scope="module")
+def ag_engine():
+    frame, _ = ag.clean_market(ag.synthetic_market(12, 300, seed=3))
+    return ag.AlphaEngine(ag.AlphaConfig(device="cpu", eval_chunk=16, score_cache=64), frame)
+
+
+def _ag_random_tokens(ag_engine, n, seed, with_invalid=True):
+    gen = torch.Generator().manual_seed(seed)
+    tokens = ag.sample_formulas(ag_engine.vocab, ag_engine.cfg.max_formula_len, n, "cpu", generator=gen)
+    if with_invalid:  # unconstrained rows too: stack underflow, leftovers, END-free rows
+        junk = torch.randint(0, ag_engine.vocab.end + 1, (n // 4, tokens.shape[1]), generator=gen)
+        tokens = torch.cat([tokens, junk, tokens[: n // 4]])       # and repeats
+    return tokens
+
+
+def test_ag_memo_equals_execute_formula_by_formula(ag_engine):
+    feat = ag_engine.train_data.feat
+    tokens = _ag_random_tokens(ag_engine, 200, seed=1)
+    values, index = ag_engine.vm.evaluate_memo(tokens, feat)
+    n_valid = 0
+    for row, j in zip(tokens.tolist(), index.tolist()):
+        ref = ag_engine.vm.execute(row, feat)
+        assert (ref is None) == (j < 0), row
+        if ref is not None:
+            n_valid += 1
+            torch.testing.assert_close(values[j], ref, rtol=0, atol=1e-6)
+    assert n_valid >= 200
+    # the same via execute_batch and against the batched groups kept for CUDA
+    batch, valid = ag_engine.vm.execute_batch(tokens, feat)
+    uvals, uindex = ag_engine.vm.evaluate_unique(tokens, feat)
+    assert torch.equal(valid, index >= 0) and torch.equal(uindex >= 0, valid)
+    torch.testing.assert_close(batch[valid], values[index[valid]], rtol=0, atol=0)
+    torch.testing.assert_close(uvals[uindex[valid]], values[index[valid]], rtol=0, atol=1e-6)
+
+
+def test_ag_memo_edge_cases(ag_engine):
+    feat = ag_engine.train_data.feat
+    end = ag_engine.vocab.end
+    rows = [[0, end, end], [end, end, end], [0, 0, end]]        # a bare feature, empty, leftover stack
+    values, index = ag_engine.vm.evaluate_memo(rows, feat)
+    assert index.tolist() == [0, -1, -1]
+    assert torch.equal(values[0], ag.clean_values(feat[0]))
+    values, index = ag_engine.vm.evaluate_memo([[end], [1, end]][:1], feat)
+    assert values.shape[0] == 0 and index.tolist() == [-1]
+
+
+def test_ag_cpu_training_uses_the_memoised_path(ag_engine, monkeypatch):
+    calls = []
+    monkeypatch.setattr(ag_engine.vm, "evaluate_unique", lambda *a: calls.append(a) or (_ for _ in ()).throw(AssertionError))
+    ag_engine.score_batch(_ag_random_tokens(ag_engine, 8, seed=2), ag_engine.train_data)
+    assert calls == []
+
+
+def test_ag_cached_scores_equal_recomputation(ag_engine):
+    data = ag_engine.train_data
+    ag_engine.score_cache.clear()
+    ag_engine.cache_hits = ag_engine.cache_lookups = 0
+    a = _ag_random_tokens(ag_engine, 48, seed=5)
+    b = torch.cat([a[10:40], _ag_random_tokens(ag_engine, 24, seed=6)])
+    # the same formulas with other padding after END must hit the same entries
+    b_repadded = b.clone()
+    for r in range(len(b_repadded)):
+        row = b_repadded[r].tolist()
+        if ag_engine.vocab.end in row:
+            cut = row.index(ag_engine.vocab.end)
+            b_repadded[r, cut + 1:] = torch.randint(0, ag_engine.vocab.end, (len(row) - cut - 1,))
+    ag_engine.score_formulas(a, data)
+    hits0 = ag_engine.cache_hits
+    for batch in (b, b_repadded):
+        rewards, usable = ag_engine.score_formulas(batch, data)
+        fresh_r, fresh_u = ag_engine.score_batch(batch, data)
+        assert torch.equal(usable, fresh_u)
+        torch.testing.assert_close(rewards, fresh_r, rtol=0, atol=1e-6)
+        for row, r in zip(batch.tolist()[:20], rewards.tolist()[:20]):    # and against the seed's one-by-one path
+            assert abs(ag_engine.score_one(row, data)["score"] - r) < 1e-4
+    assert ag_engine.cache_hits - hits0 >= 30 + len(b)          # b's repeats of a, then all of b_repadded
+    assert len(ag_engine.score_cache) <= ag_engine.cfg.score_cache
+    stats = ag_engine.cache_stats()
+    assert 0 < stats["hit_rate"] < 1 and stats["entries"] == len(ag_engine.score_cache)
+
+
+def test_ag_cache_is_cleared_when_the_data_changes(ag_engine):
+    tokens = _ag_random_tokens(ag_engine, 16, seed=7, with_invalid=False)
+    ag_engine.score_formulas(tokens, ag_engine.train_data)
+    on_test, _ = ag_engine.score_formulas(tokens, ag_engine.test_data)
+    fresh, _ = ag_engine.score_batch(tokens, ag_engine.test_data)
+    torch.testing.assert_close(on_test, fresh, rtol=0, atol=1e-6)
+
+
+def test_ag_training_history_has_the_hit_rate(tmp_path):
+    frame, _ = ag.clean_market(ag.synthetic_market(8, 200, seed=1))
+    eng = ag.AlphaEngine(ag.AlphaConfig(device="cpu", batch_size=32, train_steps=3, ckpt_every=10,
+                                        baseline_formulas=20), frame)
+    eng.train(tmp_path)
+    rates = [h["cache_hit_rate"] for h in eng.history]
+    assert len(rates) == 3 and all(0 <= r <= 1 for r in rates)
+
+
+def test_ag_bench_prints_ratio_and_identical_scores():
+    cmd = [sys.executable, os.path.join(HERE, "alphagpt.py"), "--bench", "--synthetic-tokens", "10", "--synthetic-bars", "200",
+           "--bench-formulas", "40", "--bench-one-by-one", "20", "--device", "cpu"]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DB_")}
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
+    assert out.returncode == 0, out.stderr
+    assert "identical scores" in out.stdout and "speed-up" in out.stdout, out.stdout
+    assert "public one-by-one loop" in out.stdout and "10 tokens x 140 bars" in out.stdout
+
+
 # ======================================================================================
 # ctm_master.py
 
