@@ -36,6 +36,7 @@ import json
 import math
 import os
 import re
+import time
 import uuid
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -274,43 +275,69 @@ VALUE_CLIP = 1e4  # factor values are clipped here after every op (nan -> 0, +-i
 
 def ts_delay(x: torch.Tensor, d: int) -> torch.Tensor:
     """x[t - d], zeros for the first d bars (no wrap-around, unlike torch.roll)."""
-    return F.pad(x, (d, 0))[..., : x.shape[-1]]
+    out = x.new_empty(x.shape)
+    out[..., :d] = 0
+    out[..., d:] = x[..., : x.shape[-1] - d]
+    return out
+
+
+_INV_COUNTS: dict[tuple, torch.Tensor] = {}
+
+
+def rolling_moments(x: torch.Tensor, window: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Float64 mean and variance of x[t-window+1 .. t] (fewer bars at the start): window sums are differences of
+    cumulative sums, kept in float64 so that large values earlier in the series do not swamp a small variance."""
+    T = x.shape[-1]
+    xd = x.double()
+    sums = xd.new_empty((2,) + x.shape)                          # (2, ..., T): sums of x and of x^2 over 0 .. t
+    torch.cumsum(xd, -1, out=sums[0])
+    torch.cumsum(xd * xd, -1, out=sums[1])
+    win = torch.empty_like(sums)                                 # over bars t-window+1 .. t
+    win[..., :window] = sums[..., :window]
+    torch.sub(sums[..., window:], sums[..., :-window], out=win[..., window:])
+    key = (T, window, x.device)
+    if key not in _INV_COUNTS:
+        _INV_COUNTS[key] = 1.0 / torch.arange(1, T + 1, device=x.device, dtype=torch.float64).clamp_(max=window)
+    win *= _INV_COUNTS[key]
+    mean, mean_sq = win
+    return mean, mean_sq.sub_(mean * mean).clamp_(min=0)
 
 
 def rolling_mean_std(x: torch.Tensor, window: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Mean and std of x[t-window+1 .. t] (fewer bars at the start): window sums are differences of cumulative
-    sums, kept in float64 so that large values earlier in the series do not swamp a small variance."""
-    T = x.shape[-1]
-    xd = x.double()
-    sums = xd.new_empty((2,) + x.shape)                          # (2, ..., T): sums of x and of x^2
-    sums[0] = xd
-    torch.mul(xd, xd, out=sums[1])
-    sums.cumsum_(-1)                                             # over bars 0 .. t
-    win = sums.clone()
-    win[..., window:] -= sums[..., :-window]                     # over bars t-window+1 .. t
-    win *= 1.0 / torch.arange(1, T + 1, device=x.device, dtype=torch.float64).clamp_(max=window)
-    mean, mean_sq = win
-    var = mean_sq.sub_(mean * mean).clamp_(min=0)
-    return mean.to(x.dtype), var.to(x.dtype).sqrt_()
+    """Mean and std of x[t-window+1 .. t] (fewer bars at the start), in x's dtype (see rolling_moments)."""
+    mean, var = rolling_moments(x, window)
+    return mean.to(x.dtype), var.sqrt_().to(x.dtype)
+
+
+# The ops below write their results without temporaries where they can: on CPU each pass over a formula's
+# (N, T) values costs about as much as the arithmetic, and ops into bool tensors are several times slower.
 
 
 def _op_gate(cond, x, y):
-    # a 0/1 blend equals torch.where(cond > 0, x, y) for finite values (the VM's are) at a fraction of its cost
-    take_x = (cond > 0).to(x.dtype)
-    return x * take_x + y * (1 - take_x)
+    # lerp with a 0/1 weight returns y or x exactly (torch.lerp computes y + w (x - y) for w < 0.5, else
+    # x - (1 - w) (x - y)): torch.where(cond > 0, x, y) at a fraction of its cost
+    return torch.lerp(y, x, torch.gt(cond, 0, out=torch.empty_like(x)))
 
 
 def _op_jump(x):
-    mean, std = rolling_mean_std(x, 20)
-    return torch.relu_((x - mean).div_(std.add_(1e-6)).sub_(3.0))
+    mean, var = rolling_moments(x, 20)
+    z = (x - mean.to(x.dtype)).div_(var.sqrt_().add_(1e-6).to(x.dtype))
+    return z.sub_(3.0).relu_()
 
 
 def _op_decay(x):
-    return x + 0.8 * ts_delay(x, 1) + 0.6 * ts_delay(x, 2)
+    out = x.clone()
+    out[..., 1:] += 0.8 * x[..., :-1]                           # rounded as x + 0.8 x[t-1] + 0.6 x[t-2] is
+    out[..., 2:] += 0.6 * x[..., :-2]
+    return out
 
 
 def _op_max3(x):
-    return torch.maximum(x, torch.maximum(ts_delay(x, 1), ts_delay(x, 2)))
+    out = x.clone()
+    out[..., :2].clamp_(min=0)                                   # the zeros before the first bar
+    torch.maximum(out[..., 1:], x[..., :-1], out=out[..., 1:])
+    torch.maximum(out[..., 2:], x[..., :-2], out=out[..., 2:])
+    return out
 
 
 # (name, function, arity). GATE pops (cond, x, y) with cond deepest: cond > 0 ? x : y.
@@ -331,8 +358,18 @@ OPS_CONFIG = [
 ]
 
 
-# Given clean inputs (finite, within +-VALUE_CLIP) these return clean values, so the VM skips cleaning them.
+# Given clean inputs (finite, within +-VALUE_CLIP) these return clean values, so the VM skips cleaning them,
+# and these return finite values (at most 1e8 for MUL, 2e10 for JUMP's z over std + 1e-6): clipping is enough.
 CLOSED_OPS = {"NEG", "ABS", "SIGN", "GATE", "DELAY1", "MAX3"}
+FINITE_OPS = {"ADD", "SUB", "MUL", "DECAY", "JUMP"}
+
+
+def _clip_(x: torch.Tensor) -> torch.Tensor:
+    return x.clamp_(-VALUE_CLIP, VALUE_CLIP)
+
+
+def _clean_(x: torch.Tensor) -> torch.Tensor:
+    return x.nan_to_num_(0.0).clamp_(-VALUE_CLIP, VALUE_CLIP)
 
 
 def clean_values(x: torch.Tensor) -> torch.Tensor:
@@ -518,7 +555,9 @@ class StackVM:
         then one token per operator in OPS_CONFIG order."""
         self.vocab = vocab = FormulaVocab(FeatureEngineer.NAMES) if vocab is None else vocab
         self.feat_offset = vocab.n_feat
-        self.ops = [(fn, arity, name not in CLOSED_OPS) for name, fn, arity in OPS_CONFIG]   # (fn, arity, clean?)
+        # (fn, arity, in-place cleaning of its fresh result or None)
+        self.ops = [(fn, arity, None if name in CLOSED_OPS else _clip_ if name in FINITE_OPS else _clean_)
+                    for name, fn, arity in OPS_CONFIG]
 
     def execute(self, formula_tokens: list[int], feat_tensor: torch.Tensor) -> torch.Tensor | None:
         """One formula.  feat_tensor: (K, N, T) -> (N, T) or None."""
@@ -536,7 +575,7 @@ class StackVM:
                 args = stack[len(stack) - arity:]
                 del stack[len(stack) - arity:]
                 out = fn(*args)
-                stack.append(clean_values(out) if clean else out)
+                stack.append(out if clean is None else clean(out))
             else:
                 return None
         return stack[0] if len(stack) == 1 else None
@@ -596,8 +635,8 @@ class StackVM:
             children = slot[torch.tensor([nodes[i][1:] for i in order[start:stop]])]          # (g, arity)
             out = vals[K + start: K + stop]                                                   # (g, N, T)
             out.copy_(fn(*(self._rows(vals, children[:, j]) for j in range(arity))))
-            if clean:
-                out.nan_to_num_(0.0).clamp_(-VALUE_CLIP, VALUE_CLIP)
+            if clean is not None:
+                clean(out)
             start = stop
         root_t = torch.tensor(roots, dtype=torch.long)
         unique_roots, index = torch.unique(root_t.clamp(min=0), return_inverse=True)
@@ -639,7 +678,7 @@ class StackVM:
                 args.append(vals[c])                              # a freed value here is a bug: KeyError
             fn, _, clean = self.ops[node[0]]
             out = fn(*args)                                       # every unclosed op returns a fresh tensor
-            vals[me] = out.nan_to_num_(0.0).clamp_(-VALUE_CLIP, VALUE_CLIP) if clean else out
+            vals[me] = out if clean is None else clean(out)
             for c in set(node[1:]):
                 if last_use[c] == me and c not in keep:
                     del vals[c]
@@ -1432,30 +1471,39 @@ class MemeBacktest:
         self._market: tuple | None = None                      # (liquidity, target_ret, their bar masks)
 
     def bar_masks(self, liquidity: torch.Tensor, target_ret: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        """What depends on the market only, (N, T) each: tradable, cost of a position change, and whether a
-        held / entered / left bar loses more than the drawdown threshold. Kept for the last market seen, so
-        scoring formula after formula on the same data computes them once."""
+        """What depends on the market only, (N, T) each: tradable (bool), the cost of a position change, the
+        entry threshold (logit(entry) where tradable, +inf elsewhere) and the per-bar weights that turn
+        positions into scores (see token_scores). Kept for the last market seen, so scoring formula after
+        formula on the same data computes them once."""
         if self._market is None or self._market[0] is not liquidity or self._market[1] is not target_ret:
+            tradable = liquidity > self.min_liquidity
             cost = self.base_fee + (self.trade_size_usd / liquidity).clamp(max=0.05)  # liq 0 -> impact 0.05
-            limit = -self.drawdown_threshold
-            masks = (liquidity > self.min_liquidity, cost,
-                     target_ret < limit, target_ret - cost < limit, -cost < limit)
-            self._market = (liquidity, target_ret, masks)
+            threshold = torch.where(tradable, self.entry_logit, math.inf)
+            limit, k = -self.drawdown_threshold, self.drawdown_penalty
+            # a bar loses more than the threshold when held (pnl = ret), entered (ret - cost) or left (-cost)
+            loss_held, loss_entered, loss_left = ((target_ret < limit).float(), (target_ret - cost < limit).float(),
+                                                  (-cost < limit).float())
+            # with p_t the position and q_t = p_t p_{t-1}: entered = p - q, held = q, left = p_{t-1} - q and
+            # changed = p + p_{t-1} - 2q, so score and cumulative pnl are p . w_pos + q . w_pair per token
+            left_next = F.pad(-cost - k * loss_left, (0, 1))[..., 1:]          # the weight of p_{t-1}, moved to p_t
+            cost_next = F.pad(-cost, (0, 1))[..., 1:]
+            w_pos = torch.stack([target_ret - cost - k * loss_entered + left_next, target_ret - cost + cost_next,
+                                 torch.ones_like(cost)], -1)                   # (N, T, 3): score, pnl, entries
+            w_pair = torch.stack([2 * cost + k * (loss_entered + loss_left - loss_held), 2 * cost,
+                                  -torch.ones_like(cost)], -1)[..., 1:, :].contiguous()   # (N, T-1, 3)
+            self._market = (liquidity, target_ret, (tradable, cost, threshold, w_pos, w_pair))
         return self._market[2]
 
     def token_scores(self, factors: torch.Tensor, liquidity: torch.Tensor, target_ret: torch.Tensor):
         """factors: (F, N, T), liquidity / target_ret: (N, T) -> scores (F, N), cumulative pnl (F, N).
-        Works on 0/1 masks and sums only: masked selects (torch.where) are many times slower on CPU."""
-        tradable, cost, loss_held, loss_entered, loss_left = self.bar_masks(liquidity, target_ret)  # (N, T)
-        pos, change = self.positions(factors, tradable)
-        entry = change & pos
-        cum = (pos * target_ret).sum(-1) - (change * cost).sum(-1)                # (F, N)
-        # bars whose pnl is below -drawdown_threshold, by kind: held (pnl = ret), entered (ret - cost), left (-cost)
-        big_losses = (((pos ^ entry) & loss_held).sum(-1) + (entry & loss_entered).sum(-1)
-                      + ((change ^ entry) & loss_left).sum(-1))
-        trades = entry.sum(-1)
-        score = cum - self.drawdown_penalty * big_losses
-        score = torch.where(trades < self.min_trades, torch.full_like(score, self.inactive_score), score)
+        Positions as 0/1 floats, then two batched dot products per token with the market's weights (bar_masks):
+        no bool tensors, whose ops (comparisons into bool, where, bool sums) are many times slower on CPU."""
+        *_, threshold, w_pos, w_pair = self.bar_masks(liquidity, target_ret)
+        pos = torch.gt(factors, threshold, out=factors.new_empty(factors.shape))     # (F, N, T) 0/1
+        pair = pos[..., 1:] * pos[..., :-1]                                          # (F, N, T-1): held bars
+        sums = torch.bmm(pos.transpose(0, 1), w_pos) + torch.bmm(pair.transpose(0, 1), w_pair)   # (N, F, 3)
+        score, cum, trades = sums.transpose(0, 1).unbind(-1)                         # (F, N) each
+        score = torch.where(trades < self.min_trades - 0.5, self.inactive_score, score)
         return score, cum
 
     def positions(self, factors: torch.Tensor, tradable: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -1905,11 +1953,30 @@ def plot_equity(engine: AlphaEngine, ids: list[int], path: Path) -> str:
 BENCH_MARKET = {"synthetic_tokens": 100, "synthetic_bars": 2000}   # --bench's market unless the flags are given
 
 
+def _public_delay(x: torch.Tensor, d: int) -> torch.Tensor:
+    """The public version's lag with its torch.roll (which wraps the end to the start) made a causal shift."""
+    return F.pad(x, (d, 0))[..., : x.shape[-1]]
+
+
+def _public_gate(cond, x, y):
+    mask = (cond > 0).float()
+    return mask * x + (1.0 - mask) * y
+
+
+# The public version's own spelling of the ops it gets right, lags made causal; the rest (JUMP, whose public
+# z-score reads the whole sample, and the arithmetic) are ours. Same values as OPS_CONFIG.
+PUBLIC_OPS = {"GATE": _public_gate, "DELAY1": lambda x: _public_delay(x, 1),
+              "DECAY": lambda x: x + 0.8 * _public_delay(x, 1) + 0.6 * _public_delay(x, 2),
+              "MAX3": lambda x: torch.max(x, torch.max(_public_delay(x, 1), _public_delay(x, 2)))}
+
+
 def public_loop_scores(engine: "AlphaEngine", tokens: torch.Tensor, data: MarketData) -> torch.Tensor:
     """The public version's evaluation, re-implemented for the bench: one formula at a time, a Python stack VM
-    over the features that cleans every pushed value again (features included), then that formula's own
-    backtest: positions, turnover cost, pnl per bar, its score per token and the median. Same scores as ours."""
-    ops, K, end = engine.vm.ops, engine.vocab.n_feat, engine.vocab.end
+    over the features with the public ops (PUBLIC_OPS) that cleans every pushed value again (features included),
+    then that formula's own backtest: positions, turnover cost, pnl per bar, its score per token and the median.
+    Same scores as ours."""
+    ops = [(PUBLIC_OPS.get(name, fn), arity) for name, fn, arity in OPS_CONFIG]
+    K, end = engine.vocab.n_feat, engine.vocab.end
     bt = engine.backtest
     liq, ret = data.liquidity, data.target
     scores = []
@@ -1921,7 +1988,7 @@ def public_loop_scores(engine: "AlphaEngine", tokens: torch.Tensor, data: Market
             if tok < K:
                 stack.append(clean_values(data.feat[tok]))
                 continue
-            fn, arity, _ = ops[tok - K]
+            fn, arity = ops[tok - K]
             if len(stack) < arity:
                 ok = False
                 break
@@ -1946,14 +2013,49 @@ def public_loop_scores(engine: "AlphaEngine", tokens: torch.Tensor, data: Market
     return torch.tensor(scores)
 
 
-def bench(cfg: AlphaConfig, n_formulas: int, n_one_by_one: int) -> None:
+def bench_training(cfg: AlphaConfig, frame: MarketFrame, steps: int, n_one_by_one: int) -> None:
+    """Formulas per second in training: `steps` real training steps from a fresh policy, timing only their
+    scoring (score_formulas: node sharing within a batch and the score cache across steps count), against the
+    public loop on n_one_by_one formulas drawn evenly from the same batches, their scores checked equal to the
+    rewards training got."""
+    engine = AlphaEngine(cfg, frame)
+    data, inner, batches = engine.train_data, engine.score_formulas, []
+
+    def timed_scoring(tokens, on):
+        start = time.perf_counter()
+        rewards, usable = inner(tokens, on)
+        batches.append((tokens, rewards, time.perf_counter() - start))
+        return rewards, usable
+
+    engine.score_formulas = timed_scoring
+    for _ in tqdm(range(steps), desc="bench: training steps", leave=False):
+        engine.train_step()
+    tokens = torch.cat([b[0] for b in batches])
+    rewards = torch.cat([b[1] for b in batches]).cpu()
+    pick = torch.linspace(0, len(tokens) - 1, min(n_one_by_one, len(tokens))).long()
+    t_one = float(np.median([time_calls(lambda: public_loop_scores(engine, tokens[pick], data), engine.device, 1,
+                                        warmup=0)[0] for _ in range(3)]))
+    diff = (public_loop_scores(engine, tokens[pick], data) - rewards[pick]).abs().max().item()
+    t_ours = sum(b[2] for b in batches)
+    rate_b, rate_1 = len(tokens) / t_ours, len(pick) / t_one
+    stats = engine.cache_stats()
+    print(f"in training, {steps} steps x {cfg.batch_size} formulas from a fresh policy (scoring time only; "
+          f"score cache hit rate {stats['hit_rate']:.1%}):")
+    print(f"  training's scoring    : {len(tokens):5d} formulas in {t_ours:7.2f} s = {rate_b:9.1f} formulas/s")
+    print(f"  public one-by-one loop: {len(pick):5d} of them in {t_one:7.2f} s = {rate_1:9.1f} formulas/s")
+    print(f"  speed-up   : {rate_b / rate_1:.1f}x   (max |score difference| {diff:.2e})")
+    if diff > 1e-4:
+        raise AlphaError(f"bench: training's rewards and the public loop disagree (max |difference| {diff:.2e})")
+
+
+def bench(cfg: AlphaConfig, n_formulas: int, n_one_by_one: int, train_steps: int = 0) -> None:
     """Formulas scored per second: training's default evaluation (AlphaEngine.score_formulas: the device's
     fastest batched VM path + the vectorised backtest, its cache emptied first) vs the public version's loop
     (public_loop_scores: one formula at a time), on the same synthetic data and formulas, scores checked equal;
     then Postgres load time, COPY TO STDOUT vs SELECT + fetchall, on the same synthetic market in a scratch
     schema."""
-    if not 1 <= n_one_by_one <= n_formulas:
-        raise AlphaError("--bench-one-by-one must be in [1, --bench-formulas]")
+    if not 1 <= n_one_by_one <= n_formulas or train_steps < 0:
+        raise AlphaError("--bench-one-by-one must be in [1, --bench-formulas], --bench-train-steps >= 0")
     frame, report = clean_market(synthetic_market(cfg.synthetic_tokens, cfg.synthetic_bars, cfg.seed))
     print(f"synthetic market (seed {cfg.seed}) | {report}")
     engine = AlphaEngine(cfg, frame)
@@ -1972,8 +2074,9 @@ def bench(cfg: AlphaConfig, n_formulas: int, n_one_by_one: int) -> None:
     def one_by_one():
         out["one_by_one"] = public_loop_scores(engine, subset, data)
 
-    t_batched, = time_calls(batched, engine.device, 1, warmup=0)
-    t_one, = time_calls(one_by_one, engine.device, 1, warmup=0)
+    # alternated, median of 3 each: a busy neighbour on a shared machine slows one call, not the ratio
+    times = [[time_calls(fn, engine.device, 1, warmup=0)[0] for fn in (batched, one_by_one)] for _ in range(3)]
+    t_batched, t_one = np.median(np.array(times), axis=0).tolist()
     diff = (out["batched"][:n_one_by_one].cpu() - out["one_by_one"]).abs().max().item()
     rate_b, rate_1 = n_formulas / t_batched, len(subset) / t_one
     K, N, T = data.feat.shape
@@ -1988,6 +2091,8 @@ def bench(cfg: AlphaConfig, n_formulas: int, n_one_by_one: int) -> None:
           f"max |difference| {diff:.2e})")
     if diff > 1e-4:
         raise AlphaError(f"bench: the two evaluations disagree (max |score difference| {diff:.2e})")
+    if train_steps:
+        bench_training(cfg, frame, train_steps, n_one_by_one)
     dsn = resolve_dsn(cfg)
     if not dsn:
         print("postgres: skipped (no --db and no DB_* variables)")
@@ -2062,6 +2167,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "time when a DB is configured, then exit")
     parser.add_argument("--bench-formulas", type=int, default=512, help="formulas scored batched in --bench")
     parser.add_argument("--bench-one-by-one", type=int, default=128, help="formulas scored one by one in --bench")
+    parser.add_argument("--bench-train-steps", type=int, default=50,
+                        help="training steps whose scoring --bench also times against the public loop (0: skip)")
     parser.add_argument("--resume", action="store_true", help="continue from OUT_DIR/ckpt.pt (flags given now "
                         "override the checkpoint's config; its DSN is stored without the password, so give --db "
                         "again if the database needs one)")
@@ -2160,7 +2267,8 @@ def main(argv: list[str] | None = None) -> None:
             run_db_commands(cfg, args)
         elif args.bench:
             sizes = {k: v for k, v in BENCH_MARKET.items() if k not in explicit}   # the issue's size unless given
-            bench(dataclasses.replace(cfg, **sizes), args.bench_formulas, args.bench_one_by_one)
+            bench(dataclasses.replace(cfg, **sizes), args.bench_formulas, args.bench_one_by_one,
+                  args.bench_train_steps)
         elif args.eval_formula:
             eval_formula(cfg, args.eval_formula)
         else:
