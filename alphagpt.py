@@ -369,11 +369,11 @@ def _clip_(x: torch.Tensor) -> torch.Tensor:
 
 
 def _clean_(x: torch.Tensor) -> torch.Tensor:
-    return x.nan_to_num_(0.0).clamp_(-VALUE_CLIP, VALUE_CLIP)
+    return _clip_(x.nan_to_num_(0.0))
 
 
 def clean_values(x: torch.Tensor) -> torch.Tensor:
-    return torch.nan_to_num(x, nan=0.0).clamp(-VALUE_CLIP, VALUE_CLIP)
+    return _clip_(torch.nan_to_num(x, nan=0.0))
 
 
 # -----------------------------------------------------------------------------
