@@ -79,7 +79,7 @@ class AlphaConfig:
     batch_size: int = 256
     train_steps: int = 200
     max_formula_len: int = 12
-    eval_chunk: int = 32              # formulas evaluated together by the batched VM + backtest
+    eval_chunk: int = 256             # formulas evaluated together by the batched VM + backtest
     score_cache: int = 4096           # formula -> score entries kept across training steps (LRU); 0: off
     lr: float = 1e-3
     entropy_coef: float = 0.01
@@ -281,32 +281,55 @@ def ts_delay(x: torch.Tensor, d: int) -> torch.Tensor:
     return out
 
 
-_INV_COUNTS: dict[tuple, torch.Tensor] = {}
+_WINDOW_MEANS: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
 
 
-def rolling_moments(x: torch.Tensor, window: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Float64 mean and variance of x[t-window+1 .. t] (fewer bars at the start): window sums are differences of
-    cumulative sums, kept in float64 so that large values earlier in the series do not swamp a small variance."""
-    T = x.shape[-1]
-    xd = x.double()
-    sums = xd.new_empty((2,) + x.shape)                          # (2, ..., T): sums of x and of x^2 over 0 .. t
-    torch.cumsum(xd, -1, out=sums[0])
-    torch.cumsum(xd * xd, -1, out=sums[1])
-    win = torch.empty_like(sums)                                 # over bars t-window+1 .. t
-    win[..., :window] = sums[..., :window]
-    torch.sub(sums[..., window:], sums[..., :-window], out=win[..., window:])
-    key = (T, window, x.device)
-    if key not in _INV_COUNTS:
-        _INV_COUNTS[key] = 1.0 / torch.arange(1, T + 1, device=x.device, dtype=torch.float64).clamp_(max=window)
-    win *= _INV_COUNTS[key]
-    mean, mean_sq = win
-    return mean, mean_sq.sub_(mean * mean).clamp_(min=0)
+def _window_means(window: int, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """For blocks of `window` bars: M (2 window, window) so that [block b, block b-1] @ M is, at bar j of block b,
+    the mean of block b's bars 0..j and block b-1's bars j+1..: the window that ends there; and the rescaling
+    window / (j + 1) of block 0's means, which have no block before them."""
+    key = (window, x.dtype, x.device)
+    if key not in _WINDOW_MEANS:
+        i, j = torch.arange(window)[:, None], torch.arange(window)[None, :]
+        M, first = torch.cat([i <= j, i > j]) / window, window / (j[0] + 1.0)
+        _WINDOW_MEANS[key] = M.to(x.dtype).to(x.device), first.to(x.dtype).to(x.device)
+    return _WINDOW_MEANS[key]
+
+
+def rolling_moments(x: torch.Tensor, window: int) -> tuple[torch.Tensor, ...]:
+    """Moments of x[t-window+1 .. t] (fewer bars at the start) about an anchor c_t: the first bar of t's block of
+    `window` bars, which lies inside every window that ends in that block, at or before t.
+    x: (..., T) -> anchor (..., nb, 1), x - c, mean - c and the variance (..., nb, window), in blocks: bar t is
+    [..., t // window, t % window], bars past T are padding (unblock() drops them).
+    The window sums are direct sums of the window's own deviations (one small matmul per block pair), not
+    differences of running sums, so nothing earlier in the series swamps them; and |mean - c| is at most the
+    window's range, so E[dev^2] - (mean - c)^2 loses little to cancellation, even in float32."""
+    *lead, T = x.shape
+    nb = -(-T // window)
+    xb = (F.pad(x, (0, nb * window - T)) if T % window else x).reshape(*lead, nb, window)
+    anchor = xb[..., :1]
+    z = x.new_empty((2, *lead, nb, 2 * window))                 # [block b, block b-1] - c_b, and its square
+    torch.sub(xb, anchor, out=z[0, ..., :window])
+    z[0, ..., 0, window:] = 0
+    torch.sub(xb[..., :-1, :], anchor[..., 1:, :], out=z[0, ..., 1:, window:])
+    torch.mul(z[0], z[0], out=z[1])
+    M, first = _window_means(window, x)
+    means = torch.matmul(z, M)                                  # (2, ..., nb, W): E[dev], E[dev^2]
+    means[..., 0, :] *= first
+    mean, var = means
+    return anchor, z[0, ..., :window], mean, var.addcmul_(mean, mean, value=-1).clamp_(min=0)
+
+
+def unblock(x: torch.Tensor, T: int) -> torch.Tensor:
+    """(..., nb, window) blocks (see rolling_moments) -> (..., T), contiguous."""
+    flat = x.reshape(*x.shape[:-2], -1)
+    return flat if flat.shape[-1] == T else flat[..., :T].contiguous()
 
 
 def rolling_mean_std(x: torch.Tensor, window: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Mean and std of x[t-window+1 .. t] (fewer bars at the start), in x's dtype (see rolling_moments)."""
-    mean, var = rolling_moments(x, window)
-    return mean.to(x.dtype), var.sqrt_().to(x.dtype)
+    anchor, _, mean, var = rolling_moments(x, window)
+    return unblock(mean + anchor, x.shape[-1]), unblock(var.sqrt_(), x.shape[-1])
 
 
 # The ops below write their results without temporaries where they can: on CPU each pass over a formula's
@@ -320,15 +343,15 @@ def _op_gate(cond, x, y):
 
 
 def _op_jump(x):
-    mean, var = rolling_moments(x, 20)
-    z = (x - mean.to(x.dtype)).div_(var.sqrt_().add_(1e-6).to(x.dtype))
-    return z.sub_(3.0).relu_()
+    _, dev, mean, var = rolling_moments(x, 20)
+    return unblock((dev - mean).div_(var.sqrt_().add_(1e-6)).sub_(3.0).relu_(), x.shape[-1])
 
 
 def _op_decay(x):
-    out = x.clone()
-    out[..., 1:] += 0.8 * x[..., :-1]                           # rounded as x + 0.8 x[t-1] + 0.6 x[t-2] is
-    out[..., 2:] += 0.6 * x[..., :-2]
+    out = torch.empty_like(x)
+    out[..., :1] = x[..., :1]
+    torch.add(x[..., 1:], x[..., :-1], alpha=0.8, out=out[..., 1:])     # fused multiply-adds: within an ulp
+    out[..., 2:].add_(x[..., :-2], alpha=0.6)                            # of x + 0.8 x[t-1] + 0.6 x[t-2]
     return out
 
 
@@ -644,17 +667,31 @@ class StackVM:
         return self._rows(vals, slot[unique_roots]), index
 
     def evaluate_memo(self, formulas: torch.Tensor | list[list[int]], feat_tensor: torch.Tensor):
-        """Memoised execution, same result as evaluate_unique: compile the batch, then compute each distinct node
-        that a valid root needs once, in creation order (children are created before their parents), with direct
-        calls on whole (N, T) tensors: no index gathers, no group copies. A value is freed after its last use;
-        features are cleaned once, when first read, and closed ops (CLOSED_OPS) are not cleaned at all.
-        Equal to execute() formula by formula (the same calls on the same values)."""
+        """Memoised execution (stream_memo), same result as evaluate_unique: the distinct roots' values stacked."""
+        roots, stream = self.stream_memo(formulas, feat_tensor)
+        vals = dict(stream)
+        unique_roots = sorted(vals)
+        pos = {r: j for j, r in enumerate(unique_roots)}
+        index = torch.tensor([pos[r] if r >= 0 else -1 for r in roots], dtype=torch.long, device=feat_tensor.device)
+        if not unique_roots:
+            return feat_tensor.new_empty((0,) + feat_tensor.shape[1:]), index
+        return torch.stack([vals[r] for r in unique_roots]), index
+
+    def stream_memo(self, formulas: torch.Tensor | list[list[int]], feat_tensor: torch.Tensor):
+        """Memoised execution: compile the batch, then compute each distinct node that a valid root needs once, in
+        creation order (children are created before their parents), with direct calls on whole (N, T) tensors: no
+        index gathers, no group copies. Features are cleaned once, when first read; closed ops (CLOSED_OPS) are
+        not cleaned at all. Equal to execute() formula by formula (the same calls on the same values).
+        Returns (the root node of each formula, -1 where invalid; an iterator of (root, value (N, T)) over the
+        distinct valid roots, each as soon as it is computed). A value is dropped after its last use, so memory
+        holds only the values later nodes still need, however large the batch."""
         K = self.feat_offset
         nodes, _, roots = self.compile(formulas.tolist() if isinstance(formulas, torch.Tensor) else formulas)
-        needed = [False] * (K + len(nodes))
+        is_root = [False] * (K + len(nodes))
         for r in roots:
             if r >= 0:
-                needed[r] = True
+                is_root[r] = True
+        needed = list(is_root)
         for i in range(len(nodes) - 1, -1, -1):                  # parents come after their children
             if needed[K + i]:
                 for c in nodes[i][1:]:
@@ -664,9 +701,14 @@ class StackVM:
             if needed[K + i]:
                 for c in node[1:]:
                     last_use[c] = K + i
-        unique_roots = sorted({r for r in roots if r >= 0})
-        keep = set(unique_roots)
+        return roots, self._walk(nodes, needed, is_root, last_use, feat_tensor)
+
+    def _walk(self, nodes, needed, is_root, last_use, feat_tensor):
+        K = self.feat_offset
         vals: dict[int, torch.Tensor] = {}
+        for c in range(K):
+            if is_root[c]:                                        # a formula that is one feature
+                yield c, vals.setdefault(c, clean_values(feat_tensor[c]))
         for i, node in enumerate(nodes):
             me = K + i
             if not needed[me]:
@@ -680,15 +722,10 @@ class StackVM:
             out = fn(*args)                                       # every unclosed op returns a fresh tensor
             vals[me] = out if clean is None else clean(out)
             for c in set(node[1:]):
-                if last_use[c] == me and c not in keep:
+                if last_use[c] == me:
                     del vals[c]
-        if not unique_roots:
-            return feat_tensor.new_empty((0,) + feat_tensor.shape[1:]), torch.full(
-                (len(roots),), -1, dtype=torch.long, device=feat_tensor.device)
-        values = torch.stack([vals[r] if r in vals else clean_values(feat_tensor[r]) for r in unique_roots])
-        pos = {r: j for j, r in enumerate(unique_roots)}
-        index = torch.tensor([pos[r] if r >= 0 else -1 for r in roots], dtype=torch.long, device=feat_tensor.device)
-        return values, index
+            if is_root[me]:
+                yield me, vals[me] if last_use[me] > me else vals.pop(me)
 
     def evaluate(self, formulas: torch.Tensor | list[list[int]], feat_tensor: torch.Tensor):
         """The fastest batched path for the device (values of the distinct roots, index; see evaluate_unique).
@@ -1479,31 +1516,39 @@ class MemeBacktest:
             tradable = liquidity > self.min_liquidity
             cost = self.base_fee + (self.trade_size_usd / liquidity).clamp(max=0.05)  # liq 0 -> impact 0.05
             threshold = torch.where(tradable, self.entry_logit, math.inf)
-            limit, k = -self.drawdown_threshold, self.drawdown_penalty
+            limit = -self.drawdown_threshold
             # a bar loses more than the threshold when held (pnl = ret), entered (ret - cost) or left (-cost)
             loss_held, loss_entered, loss_left = ((target_ret < limit).float(), (target_ret - cost < limit).float(),
                                                   (-cost < limit).float())
             # with p_t the position and q_t = p_t p_{t-1}: entered = p - q, held = q, left = p_{t-1} - q and
-            # changed = p + p_{t-1} - 2q, so score and cumulative pnl are p . w_pos + q . w_pair per token
-            left_next = F.pad(-cost - k * loss_left, (0, 1))[..., 1:]          # the weight of p_{t-1}, moved to p_t
-            cost_next = F.pad(-cost, (0, 1))[..., 1:]
-            w_pos = torch.stack([target_ret - cost - k * loss_entered + left_next, target_ret - cost + cost_next,
-                                 torch.ones_like(cost)], -1)                   # (N, T, 3): score, pnl, entries
-            w_pair = torch.stack([2 * cost + k * (loss_entered + loss_left - loss_held), 2 * cost,
+            # changed = p + p_{t-1} - 2q, so the cumulative pnl, the count of losing bars and the entries are
+            # p . w_pos + q . w_pair per token (the weight of p_{t-1} moved to p_t); the counts' weights are small
+            # integers, summed exactly, so that score = pnl - k * count is as precise as the pnl alone
+            def next_bar(w):
+                return F.pad(w, (0, 1))[..., 1:]
+            w_pos = torch.stack([target_ret - cost - next_bar(cost), loss_entered + next_bar(loss_left),
+                                 torch.ones_like(cost)], -1)                   # (N, T, 3): pnl, losing bars, entries
+            w_pair = torch.stack([2 * cost, loss_held - loss_entered - loss_left,
                                   -torch.ones_like(cost)], -1)[..., 1:, :].contiguous()   # (N, T-1, 3)
             self._market = (liquidity, target_ret, (tradable, cost, threshold, w_pos, w_pair))
         return self._market[2]
 
     def token_scores(self, factors: torch.Tensor, liquidity: torch.Tensor, target_ret: torch.Tensor):
-        """factors: (F, N, T), liquidity / target_ret: (N, T) -> scores (F, N), cumulative pnl (F, N).
+        """factors: (F, N, T) or F tensors (N, T), liquidity / target_ret: (N, T) -> scores (F, N), cumulative pnl
+        (F, N).
         Positions as 0/1 floats, then two batched dot products per token with the market's weights (bar_masks):
         no bool tensors, whose ops (comparisons into bool, where, bool sums) are many times slower on CPU."""
         *_, threshold, w_pos, w_pair = self.bar_masks(liquidity, target_ret)
-        pos = torch.gt(factors, threshold, out=factors.new_empty(factors.shape))     # (F, N, T) 0/1
+        pos = threshold.new_empty((len(factors),) + threshold.shape)                  # (F, N, T) 0/1
+        if isinstance(factors, torch.Tensor):
+            torch.gt(factors, threshold, out=pos)
+        else:                                                    # formula by formula: no stacked copy of the values
+            for f, values in enumerate(factors):
+                torch.gt(values, threshold, out=pos[f])
         pair = pos[..., 1:] * pos[..., :-1]                                          # (F, N, T-1): held bars
         sums = torch.bmm(pos.transpose(0, 1), w_pos) + torch.bmm(pair.transpose(0, 1), w_pair)   # (N, F, 3)
-        score, cum, trades = sums.transpose(0, 1).unbind(-1)                         # (F, N) each
-        score = torch.where(trades < self.min_trades - 0.5, self.inactive_score, score)
+        cum, losing, trades = sums.transpose(0, 1).unbind(-1)                        # (F, N) each
+        score = torch.where(trades < self.min_trades - 0.5, self.inactive_score, cum - self.drawdown_penalty * losing)
         return score, cum
 
     def positions(self, factors: torch.Tensor, tradable: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -1520,8 +1565,9 @@ class MemeBacktest:
         return pos, change & pos, pos * target_ret - change * cost
 
     def evaluate(self, factors: torch.Tensor, liquidity: torch.Tensor, target_ret: torch.Tensor):
-        """factors: (N, T) or (F, N, T) -> (fitness, mean cumulative pnl), floats or (F,) tensors."""
-        single = factors.dim() == 2
+        """factors: (N, T), or (F, N, T) or F tensors (N, T) -> (fitness, mean cumulative pnl), floats or (F,)
+        tensors."""
+        single = isinstance(factors, torch.Tensor) and factors.dim() == 2
         score, cum = self.token_scores(factors.unsqueeze(0) if single else factors, liquidity, target_ret)
         fitness, mean_ret = score.median(dim=-1).values, cum.mean(-1)
         return (fitness.item(), mean_ret.item()) if single else (fitness, mean_ret)
@@ -1532,7 +1578,29 @@ class MemeBacktest:
 
 
 INVALID_REWARD, DEGENERATE_REWARD = -5.0, -2.0
-CPU_BACKTEST_GROUP = 4          # formulas backtested together on CPU (see AlphaEngine.score_batch)
+DEGENERATE_STD = 1e-4           # a formula whose values' std is below this is degenerate
+CPU_BACKTEST_GROUP = 8          # formulas backtested together on CPU (see AlphaEngine.score_batch)
+
+
+def _batched(items, n: int):
+    """Lists of up to n consecutive items of an iterator."""
+    group = []
+    for item in items:
+        group.append(item)
+        if len(group) == n:
+            yield group
+            group = []
+    if group:
+        yield group
+
+
+def is_degenerate(values: torch.Tensor) -> bool:
+    """values.std() < DEGENERATE_STD, skipping the std where the range settles it: with n values spanning a range R,
+    the (n - 1)-normalised std is at least R / sqrt(2 (n - 1)) (two values at the ends, the rest at the mean)."""
+    lo, hi = torch.aminmax(values)
+    if (hi - lo).item() > 2 * DEGENERATE_STD * math.sqrt(2 * max(values.numel() - 1, 1)):
+        return False
+    return values.std().item() < DEGENERATE_STD
 
 
 @torch.no_grad()
@@ -1571,7 +1639,7 @@ def random_valid_scores(engine: "AlphaEngine", n: int, seed: int, data: MarketDa
 class AlphaEngine:
     """Loads nothing itself: give it a cleaned MarketFrame. Splits time into train / held-out test, builds the
     policy, optimiser, LoRD, stable-rank monitor, VM and backtest, and trains with REINFORCE:
-    reward = -5 for an invalid formula, -2 for a degenerate one (factor std < 1e-4), else the backtest fitness;
+    reward = -5 for an invalid formula, -2 for a degenerate one (factor std < DEGENERATE_STD), else the backtest fitness;
     advantage normalised over the batch (see advantages());
     loss = mean_f[-adv_f * sum_t log p(tok_t)] - entropy_coef * entropy + value_coef * huber(value, r)."""
 
@@ -1652,32 +1720,39 @@ class AlphaEngine:
         return rewards, usable
 
     def score_batch(self, tokens: torch.Tensor, data: MarketData) -> tuple[torch.Tensor, torch.Tensor]:
-        """Rewards (F,) and a mask of valid, non-degenerate formulas, no cache. Chunks of eval_chunk formulas go
-        through the VM's fastest batched path for the device (StackVM.evaluate); each distinct formula of a chunk
-        is backtested once."""
+        """Rewards (F,) and a mask of valid, non-degenerate formulas, no cache; each distinct formula of a chunk of
+        eval_chunk is scored once. CPU: the memoised walk (StackVM.stream_memo), its roots backtested in groups of
+        CPU_BACKTEST_GROUP as they come, so that a group's (g, N, T) temporaries stay in the cache and memory holds
+        only values still needed. CUDA: the batched groups (StackVM.evaluate), backtested as one tensor."""
         rewards, usable = [], []
         for chunk in tokens.split(self.cfg.eval_chunk):
-            values, index = self.vm.evaluate(chunk, data.feat)
-            if len(values) == 0:                                                          # no valid formula
-                rewards.append(torch.full((len(chunk),), INVALID_REWARD, device=self.device))
-                usable.append(torch.zeros(len(chunk), dtype=torch.bool, device=self.device))
-                continue
-            values = data.scored(values)                                                  # (U, N, T), (f,)
-            # one std per formula: on CPU, PyTorch's std(dim=1) over (U, N*T) is ~7x slower than a loop of
-            # whole-tensor stds; on a GPU the loop would be U kernel launches instead of one
-            std = values.flatten(1).std(1) if values.is_cuda else torch.stack([v.std() for v in values])
-            degenerate = std < 1e-4                                                       # (U,)
-            # CPU: the backtest in groups of CPU_BACKTEST_GROUP formulas, whose (g, N, T) temporaries stay in the
-            # cache; a whole chunk's spill to memory (measured 3x slower at 32 formulas x 100 tokens x 1400 bars).
-            # CUDA: the whole chunk, one launch per op.
-            group = len(values) if values.is_cuda else CPU_BACKTEST_GROUP
-            fitness = torch.cat([self.backtest.evaluate(v, data.liquidity, data.target)[0]
-                                 for v in values.split(group)])                          # (U,)
-            reward = torch.where(degenerate, DEGENERATE_REWARD, fitness)
-            valid = index >= 0
-            rewards.append(torch.where(valid, reward[index.clamp(min=0)], INVALID_REWARD))
-            usable.append(valid & ~degenerate[index.clamp(min=0)])
-        return torch.cat(rewards), torch.cat(usable)
+            if data.feat.is_cuda:
+                values, roots = self.vm.evaluate(chunk, data.feat)
+                groups = [(range(len(values)), values)] if len(values) else []
+                roots = roots.tolist()
+            else:
+                roots, stream = self.vm.stream_memo(chunk, data.feat)
+                groups = (zip(*g) for g in _batched(stream, CPU_BACKTEST_GROUP))
+            scored = {}
+            for ids, values in groups:
+                reward, ok = self.group_rewards(values, data)
+                scored.update(zip(ids, zip(reward.tolist(), ok.tolist())))
+            rewards += [scored[r][0] if r >= 0 else INVALID_REWARD for r in roots]
+            usable += [r >= 0 and scored[r][1] for r in roots]
+        return (torch.tensor(rewards, dtype=torch.float32, device=self.device),
+                torch.tensor(usable, dtype=torch.bool, device=self.device))
+
+    def group_rewards(self, values, data: MarketData) -> tuple[torch.Tensor, torch.Tensor]:
+        """Valid formulas' values over the history, (g, N, T) or a sequence of (N, T) -> rewards (g,) and
+        non-degenerate (g,): the fitness, or DEGENERATE_REWARD where the values' std is below DEGENERATE_STD."""
+        if isinstance(values, torch.Tensor):                     # one std call for the group: one launch on a GPU
+            values = data.scored(values)
+            degenerate = values.flatten(1).std(1) < DEGENERATE_STD
+        else:
+            values = [data.scored(v) for v in values]
+            degenerate = torch.tensor([is_degenerate(v) for v in values], device=self.device)
+        fitness = self.backtest.evaluate(values, data.liquidity, data.target)[0]
+        return torch.where(degenerate, DEGENERATE_REWARD, fitness), ~degenerate
 
     def formula_values(self, tokens: list[int], data: MarketData) -> torch.Tensor | None:
         """One formula's values (N, T) on data's scored bars (computed over its history too), None if invalid."""
@@ -1691,7 +1766,7 @@ class AlphaEngine:
     def score_values(self, factors: torch.Tensor | None, data: MarketData) -> dict:
         if factors is None:
             return {"score": INVALID_REWARD, "mean_return": 0.0, "valid": False}
-        if factors.std() < 1e-4:
+        if factors.std() < DEGENERATE_STD:
             return {"score": DEGENERATE_REWARD, "mean_return": 0.0, "valid": True}
         fitness, mean_ret = self.backtest.evaluate(factors, data.liquidity, data.target)
         return {"score": fitness, "mean_return": mean_ret, "valid": True}
@@ -1970,6 +2045,15 @@ PUBLIC_OPS = {"GATE": _public_gate, "DELAY1": lambda x: _public_delay(x, 1),
               "MAX3": lambda x: torch.max(x, torch.max(_public_delay(x, 1), _public_delay(x, 2)))}
 
 
+SCORE_TOLERANCE = 1e-4   # |a - b| <= tol * (1 + |b|): float32 sums of the same terms in another order
+
+
+def score_mismatch(a: torch.Tensor, b: torch.Tensor) -> float:
+    """The largest |a - b| / (1 + |b|) over two score vectors (0 when they agree exactly)."""
+    a, b = a.double().cpu(), b.double().cpu()
+    return ((a - b).abs() / (1 + b.abs())).max().item() if len(b) else 0.0
+
+
 def public_loop_scores(engine: "AlphaEngine", tokens: torch.Tensor, data: MarketData) -> torch.Tensor:
     """The public version's evaluation, re-implemented for the bench: one formula at a time, a Python stack VM
     over the features with the public ops (PUBLIC_OPS) that cleans every pushed value again (features included),
@@ -1999,7 +2083,7 @@ def public_loop_scores(engine: "AlphaEngine", tokens: torch.Tensor, data: Market
             scores.append(INVALID_REWARD)
             continue
         f = data.scored(stack[0])
-        if f.std() < 1e-4:
+        if f.std() < DEGENERATE_STD:
             scores.append(DEGENERATE_REWARD)
             continue
         pos = ((f > bt.entry_logit) & (liq > bt.min_liquidity)).float()         # sigmoid(f) > entry, as a logit
@@ -2035,7 +2119,7 @@ def bench_training(cfg: AlphaConfig, frame: MarketFrame, steps: int, n_one_by_on
     pick = torch.linspace(0, len(tokens) - 1, min(n_one_by_one, len(tokens))).long()
     t_one = float(np.median([time_calls(lambda: public_loop_scores(engine, tokens[pick], data), engine.device, 1,
                                         warmup=0)[0] for _ in range(3)]))
-    diff = (public_loop_scores(engine, tokens[pick], data) - rewards[pick]).abs().max().item()
+    diff = score_mismatch(public_loop_scores(engine, tokens[pick], data), rewards[pick])
     t_ours = sum(b[2] for b in batches)
     rate_b, rate_1 = len(tokens) / t_ours, len(pick) / t_one
     stats = engine.cache_stats()
@@ -2043,9 +2127,9 @@ def bench_training(cfg: AlphaConfig, frame: MarketFrame, steps: int, n_one_by_on
           f"score cache hit rate {stats['hit_rate']:.1%}):")
     print(f"  training's scoring    : {len(tokens):5d} formulas in {t_ours:7.2f} s = {rate_b:9.1f} formulas/s")
     print(f"  public one-by-one loop: {len(pick):5d} of them in {t_one:7.2f} s = {rate_1:9.1f} formulas/s")
-    print(f"  speed-up   : {rate_b / rate_1:.1f}x   (max |score difference| {diff:.2e})")
-    if diff > 1e-4:
-        raise AlphaError(f"bench: training's rewards and the public loop disagree (max |difference| {diff:.2e})")
+    print(f"  speed-up   : {rate_b / rate_1:.1f}x   (max relative score difference {diff:.1e})")
+    if diff > SCORE_TOLERANCE:
+        raise AlphaError(f"bench: training's rewards and the public loop disagree (max relative difference {diff:.1e})")
 
 
 def bench(cfg: AlphaConfig, n_formulas: int, n_one_by_one: int, train_steps: int = 0) -> None:
@@ -2077,7 +2161,7 @@ def bench(cfg: AlphaConfig, n_formulas: int, n_one_by_one: int, train_steps: int
     # alternated, median of 3 each: a busy neighbour on a shared machine slows one call, not the ratio
     times = [[time_calls(fn, engine.device, 1, warmup=0)[0] for fn in (batched, one_by_one)] for _ in range(3)]
     t_batched, t_one = np.median(np.array(times), axis=0).tolist()
-    diff = (out["batched"][:n_one_by_one].cpu() - out["one_by_one"]).abs().max().item()
+    diff = score_mismatch(out["batched"][:n_one_by_one], out["one_by_one"])
     rate_b, rate_1 = n_formulas / t_batched, len(subset) / t_one
     K, N, T = data.feat.shape
     path = "batched groups (evaluate_unique)" if engine.device.type == "cuda" else "memoised nodes (evaluate_memo)"
@@ -2086,11 +2170,11 @@ def bench(cfg: AlphaConfig, n_formulas: int, n_one_by_one: int, train_steps: int
     print(f"  training's default    : {n_formulas:5d} formulas in {t_batched:7.2f} s = {rate_b:9.1f} formulas/s"
           f"   ({path}, score cache emptied first)")
     print(f"  public one-by-one loop: {len(subset):5d} formulas in {t_one:7.2f} s = {rate_1:9.1f} formulas/s")
-    same = "identical scores" if diff <= 1e-4 else "SCORES DIFFER"
+    same = "equal scores" if diff <= SCORE_TOLERANCE else "SCORES DIFFER"
     print(f"  speed-up   : {rate_b / rate_1:.1f}x   ({same} on the {len(subset)} formulas both scored: "
-          f"max |difference| {diff:.2e})")
-    if diff > 1e-4:
-        raise AlphaError(f"bench: the two evaluations disagree (max |score difference| {diff:.2e})")
+          f"max relative difference {diff:.1e})")
+    if diff > SCORE_TOLERANCE:
+        raise AlphaError(f"bench: the two evaluations disagree (max relative score difference {diff:.1e})")
     if train_steps:
         bench_training(cfg, frame, train_steps, n_one_by_one)
     dsn = resolve_dsn(cfg)

@@ -3544,14 +3544,14 @@ def test_ag_training_history_has_the_hit_rate(tmp_path):
     assert len(rates) == 3 and all(0 <= r <= 1 for r in rates)
 
 
-def test_ag_bench_prints_ratio_and_identical_scores():
+def test_ag_bench_prints_ratio_and_equal_scores():
     cmd = [sys.executable, os.path.join(HERE, "alphagpt.py"), "--bench", "--synthetic-tokens", "10", "--synthetic-bars", "200",
            "--bench-formulas", "40", "--bench-one-by-one", "20", "--device", "cpu", "--bench-train-steps", "3",
            "--batch-size", "16"]
     env = {k: v for k, v in os.environ.items() if not k.startswith("DB_")}
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
     assert out.returncode == 0, out.stderr
-    assert "identical scores" in out.stdout and out.stdout.count("speed-up") == 2, out.stdout
+    assert "equal scores" in out.stdout and out.stdout.count("speed-up") == 2, out.stdout
     assert "public one-by-one loop" in out.stdout and "10 tokens x 140 bars" in out.stdout
     # the training part: real steps' scoring against the public loop on formulas from those batches
     assert "in training, 3 steps x 16 formulas" in out.stdout and "48 formulas in" in out.stdout, out.stdout
