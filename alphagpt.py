@@ -79,7 +79,7 @@ class AlphaConfig:
     batch_size: int = 256
     train_steps: int = 200
     max_formula_len: int = 12
-    eval_chunk: int = 256             # formulas evaluated together by the batched VM + backtest
+    eval_chunk: int = 256             # formulas compiled and scored together (shared sub-expressions)
     score_cache: int = 4096           # formula -> score entries kept across training steps (LRU); 0: off
     lr: float = 1e-3
     entropy_coef: float = 0.01
@@ -161,7 +161,8 @@ FIELD_HELP = {
     "batch_size": "formulas sampled per training step",
     "train_steps": "policy-gradient steps",
     "max_formula_len": "maximum tokens per formula",
-    "eval_chunk": "formulas per chunk in the batched VM + backtest (bounds memory: ~6 x chunk x tokens x time)",
+    "eval_chunk": "formulas compiled and scored together, sharing their common sub-expressions; memory on CPU "
+                  "holds only the values still needed, on CUDA ~6 x chunk x tokens x time floats",
     "score_cache": "formula -> (score, usable) entries kept across training steps, least recently used dropped "
                    "first; a converging policy samples the same formulas again (0: no cache)",
     "lr": "AdamW learning rate",
@@ -291,7 +292,7 @@ def _window_means(window: int, x: torch.Tensor) -> tuple[torch.Tensor, torch.Ten
     key = (window, x.dtype, x.device)
     if key not in _WINDOW_MEANS:
         i, j = torch.arange(window)[:, None], torch.arange(window)[None, :]
-        M, first = torch.cat([i <= j, i > j]) / window, window / (j[0] + 1.0)
+        M, first = torch.cat([i <= j, i > j]).double() / window, window / (j[0] + 1.0).double()
         _WINDOW_MEANS[key] = M.to(x.dtype).to(x.device), first.to(x.dtype).to(x.device)
     return _WINDOW_MEANS[key]
 
@@ -708,7 +709,10 @@ class StackVM:
         vals: dict[int, torch.Tensor] = {}
         for c in range(K):
             if is_root[c]:                                        # a formula that is one feature
-                yield c, vals.setdefault(c, clean_values(feat_tensor[c]))
+                value = clean_values(feat_tensor[c])
+                if last_use[c] >= 0:
+                    vals[c] = value
+                yield c, value
         for i, node in enumerate(nodes):
             me = K + i
             if not needed[me]:
@@ -1111,8 +1115,8 @@ def clean_market(frame: MarketFrame, n_dupes: int = 0) -> tuple[MarketFrame, str
                           first_bar, frame.split_time)
     report = (f"data: {len(keep)} tokens x {len(frame.times)} bars | fixed: {n_nonfinite} NaN/Inf prices, "
               f"{n_bad_price} non-positive prices, {n_negative} negative volume/liquidity/FDV values, "
-              f"{n_gaps} missing bars filled, {n_bad_liq} bars with "
-              f"zero/missing liquidity (no trading there), {n_dupes} duplicate (token, time) rows dropped, "
+              f"{n_gaps} missing bars filled, {n_bad_liq} bars with zero/missing liquidity (no trading there with "
+              f"--liquidity column), {n_dupes} duplicate (token, time) rows dropped, "
               f"{n_dropped} tokens without prices dropped, {int((first_bar > 0).sum())} tokens untradable before "
               "their first bar")
     if len(keep) == 0 or len(frame.times) < 3:
@@ -1162,6 +1166,13 @@ class MarketData:
         return MarketData(self.feat[:, :, :end].contiguous(), self.liquidity[:, start:end].contiguous(),
                           target, self.feature_names, self.symbols, start)
 
+    def without(self, names: list[str]) -> "MarketData":
+        """The same data without the features named."""
+        keep = [i for i, name in enumerate(self.feature_names) if name not in names]
+        if len(keep) == len(self.feature_names):
+            return self
+        return dataclasses.replace(self, feat=self.feat[keep], feature_names=[self.feature_names[i] for i in keep])
+
     def scored(self, values: torch.Tensor) -> torch.Tensor:
         """Formula values over the history -> the scored bars."""
         return values[..., self.start:]
@@ -1182,20 +1193,27 @@ def build_market_data(frame: MarketFrame, factors: str, device: torch.device, li
     return MarketData(feat, liq, torch.nan_to_num(target), list(engineer.NAMES), frame.symbols)
 
 
+def constant_features(data: MarketData) -> list[str]:
+    """The features whose value is the same on every token and bar."""
+    flat = data.feat.flatten(1)
+    return [name for name, lo, hi in zip(data.feature_names, flat.amin(1).tolist(), flat.amax(1).tolist()) if lo == hi]
+
+
 def refuse_unlearnable(frame: MarketFrame, data: MarketData, train: MarketData, cfg: AlphaConfig) -> None:
     """One AlphaError, before any training, for data on which formulas cannot be told apart: no tradable bar in
     the training part, or features constant over the whole market because a column they read is (close, volume,
-    and with --liquidity column also liquidity and fdv: e.g. the public version's liquidity and fdv written as 0).
-    A feature constant for other reasons (LIQ clamped at 1 on a small market) is legitimate data and kept."""
-    flat = data.feat.flatten(1)
-    features = [name for name, lo, hi in zip(data.feature_names, flat.amin(1).tolist(), flat.amax(1).tolist())
-                if lo == hi]
+    and with --liquidity column also liquidity and fdv: e.g. the public version's liquidity and fdv written as 0),
+    or every feature constant. A feature constant for other reasons (LIQ without liquidity data under another
+    --liquidity model, LIQ clamped at 1 on a small market) is not an error: AlphaEngine leaves it out."""
+    features = constant_features(data)
     read = ["close", "volume"] + (["liquidity", "fdv"] if cfg.liquidity == "column" else [])
     columns = [f"{c} = {frame.field(c).min():g}" for c in read if frame.field(c).min() == frame.field(c).max()]
     problems = []
     if features and columns:
         problems.append(f"columns constant over the whole market ({', '.join(columns)}) make features constant "
                         f"({', '.join(features)}): fill them in the data")
+    if len(features) == len(data.feature_names):
+        problems.append(f"every feature is constant over the whole market ({', '.join(features)})")
     if not (train.liquidity > cfg.min_liquidity).any():
         problems.append(f"no bar of the training part is tradable: liquidity <= --min-liquidity "
                         f"{cfg.min_liquidity:g} everywhere (max {train.liquidity.max().item():g})")
@@ -1639,8 +1657,8 @@ def random_valid_scores(engine: "AlphaEngine", n: int, seed: int, data: MarketDa
 class AlphaEngine:
     """Loads nothing itself: give it a cleaned MarketFrame. Splits time into train / held-out test, builds the
     policy, optimiser, LoRD, stable-rank monitor, VM and backtest, and trains with REINFORCE:
-    reward = -5 for an invalid formula, -2 for a degenerate one (factor std < DEGENERATE_STD), else the backtest fitness;
-    advantage normalised over the batch (see advantages());
+    reward = -5 for an invalid formula, -2 for a degenerate one (factor std < DEGENERATE_STD), else the backtest
+    fitness; advantage normalised over the batch (see advantages());
     loss = mean_f[-adv_f * sum_t log p(tok_t)] - entropy_coef * entropy + value_coef * huber(value, r)."""
 
     def __init__(self, cfg: AlphaConfig, frame: MarketFrame):
@@ -1654,9 +1672,13 @@ class AlphaEngine:
         split = int(np.searchsorted(frame.times, split_time))
         if split < 20 or T - split < 20:
             raise AlphaError(f"cannot split {T} bars with --test-frac {cfg.test_frac}: each part needs >= 20 bars")
+        refuse_unlearnable(frame, data, data.split(0, split), cfg)
+        # a feature constant over the whole market carries nothing, and a formula dividing by it (LIQ is 0 without
+        # liquidity and fdv data) would live on the value clip: it is left out of the formulas
+        self.constant_features = constant_features(data)
+        data = data.without(self.constant_features)
         self.data, self.train_data, self.test_data = data, data.split(0, split), data.split(split, T)
         self.times, self.split = frame.times, split
-        refuse_unlearnable(frame, data, self.train_data, cfg)
         self.vocab = FormulaVocab(data.feature_names)
         self.vm = StackVM(self.vocab)
         self.backtest = MemeBacktest(cfg.trade_size_usd, cfg.min_liquidity, cfg.base_fee)
@@ -1854,16 +1876,20 @@ class AlphaEngine:
 
     def report(self, tokens: list[int]) -> dict:
         """train and test: split_report, random_p95_score and buy_and_hold on the same bars; whether the formula
-        beats random formulas out of sample (held-out score above their 95th percentile), and that as a line."""
+        beats random formulas out of sample (held-out score above their 95th percentile) and buy and hold (held-out
+        return per bar above its), and that as a line."""
         out = {name: {**self.split_report(tokens, data), "random_p95_score": self.random_p95(name, data),
                       "buy_and_hold": self.buy_and_hold(data)}
                for name, data in (("train", self.train_data), ("test", self.test_data))}
         score, p95 = out["test"]["score"], out["test"]["random_p95_score"]
         beats = p95 is not None and score > p95
         versus = "no random formula was valid" if p95 is None else f"their 95th percentile {p95:.4f}"
+        ret, hold = out["test"]["return_per_bar"], out["test"]["buy_and_hold"]["return_per_bar"]
         out["beats_random_out_of_sample"] = beats
+        out["beats_buy_and_hold_out_of_sample"] = ret > hold
         out["verdict"] = (f"held-out: the formula {'BEATS' if beats else 'does NOT beat'} random formulas (score "
-                          f"{score:.4f}; {versus}, of {self.cfg.baseline_formulas} random formulas)")
+                          f"{score:.4f}; {versus}, of {self.cfg.baseline_formulas} random formulas); return per bar "
+                          f"{ret:.3g}, {'above' if ret > hold else 'not above'} buy and hold's {hold:.3g}")
         return out
 
     def best_strategy(self) -> dict:
@@ -2164,7 +2190,8 @@ def bench(cfg: AlphaConfig, n_formulas: int, n_one_by_one: int, train_steps: int
     diff = score_mismatch(out["batched"][:n_one_by_one], out["one_by_one"])
     rate_b, rate_1 = n_formulas / t_batched, len(subset) / t_one
     K, N, T = data.feat.shape
-    path = "batched groups (evaluate_unique)" if engine.device.type == "cuda" else "memoised nodes (evaluate_memo)"
+    path = ("batched groups (evaluate_unique)" if engine.device.type == "cuda" else
+            "memoised walk streamed into the backtest (stream_memo)")
     print(f"formula evaluation on {N} tokens x {T} bars ({T - data.start} scored), {engine.device}, "
           f"{torch.get_num_threads()} threads, max_formula_len {cfg.max_formula_len}, eval_chunk {cfg.eval_chunk}")
     print(f"  training's default    : {n_formulas:5d} formulas in {t_batched:7.2f} s = {rate_b:9.1f} formulas/s"
@@ -2323,6 +2350,8 @@ def train(cfg: AlphaConfig, explicit: dict, resume: bool) -> dict:
         engine.load_state(ckpt)
     print(f"train bars {engine.split}, held-out bars {len(engine.times) - engine.split} (from "
           f"{engine.split_info()['split_time']}), features {engine.vocab.features}, device {engine.device}")
+    if engine.constant_features:
+        print(f"left out of the formulas, constant over the whole market: {', '.join(engine.constant_features)}")
     best = engine.train(out_dir)
     if best["test"] is None:
         print(f"no valid, non-degenerate formula found; outputs written to {out_dir}")

@@ -3075,6 +3075,31 @@ def test_ag_liquidity_models_make_a_market_without_liquidity_usable():
     assert np.array_equal(data.liquidity.numpy(), synthetic.field("liquidity"))
 
 
+def test_ag_features_constant_over_the_market_are_left_out_of_the_formulas():
+    """OHLCV-only data under a liquidity model: LIQ (liquidity / fdv) is constant 0, so it is left out of the
+    vocabulary and the features (a formula could only divide by it onto the value clip); a market with liquidity
+    data keeps all six; a market whose every feature is constant is refused in one line."""
+    frame = _ag_market_without_liquidity()
+    engine = ag.AlphaEngine(ag.AlphaConfig(device="cpu", batch_size=16, liquidity="unlimited"), frame)
+    kept = [name for name in ag.FeatureEngineer.NAMES if name != "LIQ"]
+    assert engine.constant_features == ["LIQ"] and engine.vocab.features == kept
+    full = ag.build_market_data(frame, "basic", torch.device("cpu"), "unlimited")
+    for data in (engine.data, engine.train_data, engine.test_data):
+        assert data.feature_names == kept and data.feat.shape[0] == 5
+    torch.testing.assert_close(engine.data.feat, full.feat[[0, 2, 3, 4, 5]], rtol=0, atol=0)
+    with pytest.raises(ag.AlphaError, match=r"formula uses \['LIQ'\], not in this vocabulary"):
+        engine.vocab.encode(["LIQ", "NEG"])
+    assert engine.train_step()["usable_frac"] > 0
+    synthetic, _ = ag.clean_market(ag.synthetic_market(4, 200, seed=0))
+    assert ag.AlphaEngine(ag.AlphaConfig(device="cpu"), synthetic).constant_features == []
+    dead = ag.MarketFrame(frame.addresses, frame.symbols, frame.times, frame.values.copy())
+    for name in ag.PRICE_FIELDS + ("volume",):
+        dead.values[ag.FIELDS.index(name)] = 2.0
+    with pytest.raises(ag.AlphaError, match=r"every feature is constant over the whole market \(RET, LIQ, "
+                                            r"PRESSURE, FOMO, DEV, VOL\)"):
+        ag.AlphaEngine(ag.AlphaConfig(device="cpu", liquidity="unlimited"), dead)
+
+
 def test_ag_refusals_and_bad_liquidity_settings_are_one_line():
     frame = _ag_market_without_liquidity()
     dead = ag.MarketFrame(frame.addresses, frame.symbols, frame.times, frame.values.copy())
@@ -3117,6 +3142,7 @@ def test_ag_db_cli_trains_on_ohlcv_only_data_with_a_liquidity_model(ag_ready_sch
     trained = _ag_run(*db, *small, "--liquidity", "dollar_volume")
     assert trained.returncode == 0, trained.stderr
     assert "4 tokens x 150 bars" in trained.stdout
+    assert "left out of the formulas, constant over the whole market: LIQ" in trained.stdout
 
 
 def _ag_iso(t):
@@ -3369,6 +3395,13 @@ def test_ag_beats_random_line_says_yes_for_the_planted_signal_and_no_for_its_opp
     table = ag.report_table({**good, "split": engine.split_info()})
     assert table.splitlines()[-1] == good["verdict"]
     assert "score: the fitness the search maximises: median over tokens" in table
+    # and against buy and hold on the same held-out bars, by return per bar
+    for report in (good, bad):
+        ret, hold = report["test"]["return_per_bar"], report["test"]["buy_and_hold"]["return_per_bar"]
+        assert report["beats_buy_and_hold_out_of_sample"] == (ret > hold)
+        assert report["verdict"].endswith(f"return per bar {ret:.3g}, {'above' if ret > hold else 'not above'} "
+                                          f"buy and hold's {hold:.3g}")
+    assert good["beats_buy_and_hold_out_of_sample"] and not bad["beats_buy_and_hold_out_of_sample"]
 
 
 # ---- resume is exact
@@ -3555,6 +3588,215 @@ def test_ag_bench_prints_ratio_and_equal_scores():
     assert "public one-by-one loop" in out.stdout and "10 tokens x 140 bars" in out.stdout
     # the training part: real steps' scoring against the public loop on formulas from those batches
     assert "in training, 3 steps x 16 formulas" in out.stdout and "48 formulas in" in out.stdout, out.stdout
+
+
+# ---- rolling moments about an in-window anchor, streamed roots, exact loss counts (issue 16)
+
+
+def _ag_shifted_level(T, seed=0):
+    """(3, T) float32 large levels with noise of std 1e-3: 1e4 dropping to 0 at 2T/5, a flat 5e3, and 0 rising
+    to 5e3 at 3T/5 (a running sum of x^2 reaches ~1e10 there, where the window's variance is ~1e-6)."""
+    gen = torch.Generator().manual_seed(seed)
+    t = torch.arange(T)
+    level = torch.stack([torch.where(t < T * 2 // 5, 1e4, 0.0), torch.full((T,), 5e3),
+                         torch.where(t < T * 3 // 5, 0.0, 5e3)]).double()
+    return (level + 1e-3 * torch.randn(3, T, generator=gen, dtype=torch.float64)).float()
+
+
+def _ag_rolling_reference(x, window):
+    """float64 mean, population std and max |x| of x[..., max(0, t-window+1) .. t], bar by bar."""
+    x = x.double().numpy()
+    mean, std, scale = np.empty_like(x), np.empty_like(x), np.empty_like(x)
+    for t in range(x.shape[-1]):
+        w = x[..., max(0, t - window + 1): t + 1]
+        mean[..., t], std[..., t], scale[..., t] = w.mean(-1), w.std(-1), np.abs(w).max(-1)
+    return mean, std, scale
+
+
+def test_ag_rolling_moments_stay_exact_after_a_level_shift():
+    """rolling_mean_std in float32 on large levels plus tiny noise, around level shifts, with T a multiple of the
+    window or not and T < window, equals the float64 per-bar definition (differences of float32 running sums
+    lose the noise entirely); the blocks put bar t at [t // window, t % window]; causal; rows independent."""
+    for T in (1000, 1003, 13):
+        x = _ag_shifted_level(T)
+        for window in (20, 60):
+            mean, std = ag.rolling_mean_std(x, window)
+            assert mean.shape == std.shape == x.shape and mean.dtype == std.dtype == torch.float32
+            ref_mean, ref_std, scale = _ag_rolling_reference(x, window)
+            assert np.all(np.abs(mean.double().numpy() - ref_mean) <= 1e-6 * scale), (T, window)
+            moving = ref_std > 0
+            rel = np.abs(std.double().numpy() - ref_std)[moving] / ref_std[moving]
+            assert rel.max() < 1e-3, (T, window, rel.max())
+            assert np.all(std.numpy()[~moving] <= 1e-6 * scale[~moving])
+            # the blocks: anchor = the block's first bar, dev = x - anchor, then mean - anchor and the variance
+            anchor, dev, mean_c, var = ag.rolling_moments(x, window)
+            nb = -(-T // window)
+            assert anchor.shape == (3, nb, 1) and dev.shape == mean_c.shape == var.shape == (3, nb, window)
+            first = x[:, torch.arange(T) // window * window]
+            assert torch.equal(ag.unblock(anchor.expand(-1, -1, window), T), first)
+            assert torch.equal(ag.unblock(dev, T), x - first)
+            assert torch.equal(ag.unblock(mean_c + anchor, T), mean)
+            assert torch.equal(ag.unblock(var.sqrt(), T), std)
+    x, t0 = _ag_shifted_level(1003), 517                                  # t0 inside a block of 20 and of 60
+    changed = x.clone()
+    changed[:, t0 + 1:] += 1e3 * torch.rand(3, 1003 - t0 - 1, generator=torch.Generator().manual_seed(1))
+    both = torch.stack([x, changed])                                      # (2, 3, T)
+    for window in (20, 60):
+        mean2, std2 = ag.rolling_mean_std(both, window)
+        for u in (mean2, std2):                                           # bars <= t0 do not see the change
+            assert torch.equal(u[0, :, : t0 + 1], u[1, :, : t0 + 1])
+            assert not torch.equal(u[0, :, t0 + 1], u[1, :, t0 + 1])
+        for i in range(2):                                                # nor the other rows
+            for j in range(3):
+                mean1, std1 = ag.rolling_mean_std(both[i, j], window)
+                assert torch.equal(mean2[i, j], mean1) and torch.equal(std2[i, j], std1)
+
+
+def test_ag_jump_matches_the_rolling_definition_on_a_shifted_level():
+    """JUMP in float32 on large levels with tiny noise and small spikes, across level shifts, equals the float64
+    per-bar rolling z-score (population std) definition, and the spikes fire."""
+    x = _ag_shifted_level(1003, seed=1)
+    spikes = [150, 300, 500, 700, 900]                    # before and after each shift, 10 noise stds
+    x[:, spikes] += 1e-2
+    got = ag._op_jump(x)
+    assert got.shape == x.shape and got.dtype == torch.float32
+    for row in range(3):
+        ref = _ag_jump_reference(x[row].double().numpy())
+        np.testing.assert_allclose(got[row].double().numpy(), ref, rtol=0, atol=1e-3)
+        assert ref[spikes].min() > 0.5
+    assert torch.equal(got[1], ag._op_jump(x[1]))
+
+
+def test_ag_is_degenerate_equals_the_std_test():
+    """is_degenerate, which skips the std when the range alone proves it large, gives values.std() <
+    DEGENERATE_STD on constants, on noise just below and above the threshold, on the arrays whose std is
+    the smallest a range allows (two values at the ends, the rest at the mean), on lone outliers and wide ones."""
+    D = ag.DEGENERATE_STD
+    gen = torch.Generator().manual_seed(0)
+    cases = [torch.zeros(12, 200), torch.full((5, 40), 3.7), torch.full((3, 70), 1e4)]
+    for std in (0.5 * D, 0.9 * D, 1.1 * D, 2 * D):
+        noise = torch.randn(12, 200, generator=gen)
+        cases.append(7.0 + noise / noise.std() * std)
+    for n in (2, 3, 50, 2400):
+        for std in (0.99 * D, 1.01 * D, 1.9 * D, 2.1 * D):
+            half = std * math.sqrt(2 * (n - 1)) / 2                   # std = range / sqrt(2 (n - 1)) exactly
+            v = torch.zeros(n)
+            v[0], v[-1] = half, -half
+            cases.append(v)
+    for n, spike in ((1000, 1e4), (10000, 1e-2), (10000, 1.5e-2), (400, 3e-3)):
+        v = torch.zeros(n)
+        v[n // 3] = spike
+        cases.append(v)
+    cases += [10 * torch.randn(8, 150, generator=gen), torch.rand(4, 100, generator=gen) * 1e-3,
+              torch.randn(6, 50, generator=gen) ** 5]
+    results = []
+    for v in cases:
+        expected = v.std().item() < D
+        assert ag.is_degenerate(v) == expected, (v.shape, v.std().item())
+        results.append(expected)
+    assert 5 < sum(results) < len(results) - 5                      # both answers, many times
+
+
+def test_ag_stream_memo_yields_each_root_once_and_frees_values(ag_engine):
+    """stream_memo yields each distinct valid root once, with execute()'s values for its formulas, and the
+    roots evaluate_memo indexes; live values stay far below the batch's nodes (each dropped after its last
+    use, nothing left at the end)."""
+    vm, feat, K = ag_engine.vm, ag_engine.train_data.feat, ag_engine.vm.feat_offset
+    tokens = _ag_random_tokens(ag_engine, 200, seed=11)
+    roots, stream = vm.stream_memo(tokens, feat)
+    assert roots == vm.compile(tokens.tolist())[2]
+    yielded = list(stream)
+    ids = [r for r, _ in yielded]
+    assert len(ids) == len(set(ids)) and set(ids) == {r for r in roots if r >= 0}
+    values = dict(yielded)
+    memo, index = vm.evaluate_memo(tokens, feat)
+    for row, r, j in zip(tokens.tolist(), roots, index.tolist()):
+        ref = vm.execute(row, feat)
+        assert (ref is None) == (r < 0) == (j < 0), row
+        if ref is not None:
+            assert torch.equal(values[r], ref) and torch.equal(memo[j], ref)
+    pairs = set(zip(roots, index.tolist()))                         # root <-> evaluate_memo's index: 1 to 1
+    assert len(pairs) == len({r for r, _ in pairs}) == len({j for _, j in pairs})
+    # memory: 300 grammar formulas; besides features and one formula's stack, only shared nodes may stay alive
+    tokens = ag.sample_formulas(ag_engine.vocab, ag_engine.cfg.max_formula_len, 300, "cpu",
+                                generator=torch.Generator().manual_seed(12))
+    nodes, _, roots = vm.compile(tokens.tolist())
+    parents = {}
+    for i, node in enumerate(nodes):
+        for c in set(node[1:]):
+            parents.setdefault(c, set()).add(K + i)
+    root_set = set(roots) - {-1}
+    shared = sum(len(p) > 1 or c in root_set for c, p in parents.items() if c >= K)   # alive across formulas
+    _, stream = vm.stream_memo(tokens, feat)
+    live = []
+    for _ in stream:
+        live.append(len(stream.gi_frame.f_locals["vals"]))
+    assert len(live) == len(root_set) > 250 and len(nodes) > 1000
+    assert max(live) <= K + shared + ag_engine.cfg.max_formula_len, (max(live), shared)
+    assert max(live) < len(root_set) / 2
+    assert live[-1] == 0                                              # the last node is a root: nothing after it
+
+
+def test_ag_backtest_takes_a_list_and_counts_losing_bars_exactly():
+    """token_scores / evaluate on a list of (N, T) tensors equal the stacked input; on a long random market
+    with hundreds of bars losing more than 5%, the score is the float64 per-bar definition of the docstring,
+    and score - pnl is exactly -2 x the count of losing bars."""
+    bt = _ag_bt()
+    gen = torch.Generator().manual_seed(4)
+    F, N, T = 4, 6, 1500
+    factors = 3 * torch.randn(F, N, T, generator=gen)
+    factors[3, 5] = -5.0                                             # a token that never trades: -10
+    liquidity = torch.exp(8.5 + 1.5 * torch.randn(N, T, generator=gen))  # the gate, capped and uncapped impact
+    ret = 0.06 * torch.randn(N, T, generator=gen)
+    score, cum = bt.token_scores(factors, liquidity, ret)
+    score_l, cum_l = bt.token_scores(list(factors), liquidity, ret)
+    assert torch.equal(score, score_l) and torch.equal(cum, cum_l)
+    for a, b in zip(bt.evaluate(factors, liquidity, ret), bt.evaluate(list(factors), liquidity, ret)):
+        assert torch.equal(a, b)
+    # the docstring, per bar, in float64
+    f, liq, r = factors.double(), liquidity.double(), ret.double()
+    pos = ((torch.sigmoid(f) > 0.85) & (liq > 5000.0)).double()
+    prev = torch.cat([torch.zeros(F, N, 1, dtype=torch.float64), pos[..., :-1]], -1)
+    cost = (prev - pos).abs() * (0.005 + (1000.0 / liq).clamp(max=0.05))
+    pnl = pos * r - cost
+    losing = (pnl < -0.05).sum(-1).double()
+    entries = (pos * (1 - prev)).sum(-1)
+    ref = torch.where(entries < 5, -10.0, pnl.sum(-1) - 2.0 * losing)
+    active = entries >= 5
+    assert losing[active].min() > 100 and not active.all()
+    assert ag.score_mismatch(cum.flatten(), pnl.sum(-1).flatten()) < 1e-5
+    assert ((score.double() - ref).abs() <= 1e-5 * (1 + ref.abs())).all()
+    count = (cum.double() - score.double()) / 2                     # float32 rounding of score only: the
+    assert ((count - losing).abs()[active] < 1e-3).all()            # count itself is the exact integer
+
+
+def test_ag_score_batch_is_independent_of_chunk_and_group_sizes(ag_engine, monkeypatch):
+    """score_batch's rewards and usable mask are the same for eval_chunk 256, 7, 1 and CPU_BACKTEST_GROUP 1, 3,
+    8 (within 1e-5 relative), and equal score_one formula by formula; invalid and degenerate rows included."""
+    data, vocab = ag_engine.train_data, ag_engine.vocab
+    a, b = vocab.features[:2]
+    flat = [vocab.encode([a, a, "SUB"]), vocab.encode([b, b, "SUB", "ABS"])]                  # all zeros
+    flat = torch.tensor([row + [vocab.end] * (ag_engine.cfg.max_formula_len - len(row)) for row in flat])
+    tokens = torch.cat([_ag_random_tokens(ag_engine, 100, seed=13), flat, flat[:1]])
+    results = []
+    for chunk in (256, 7, 1):
+        monkeypatch.setattr(ag_engine, "cfg", dataclasses.replace(ag_engine.cfg, eval_chunk=chunk))
+        for group in (1, 3, 8):
+            monkeypatch.setattr(ag, "CPU_BACKTEST_GROUP", group)
+            results.append(ag_engine.score_batch(tokens, data))
+    rewards, usable = results[0]
+    for other_rewards, other_usable in results[1:]:
+        assert torch.equal(other_usable, usable)
+        assert ag.score_mismatch(other_rewards, rewards) < 1e-5
+    one, valid = [], []
+    for i, row in enumerate(tokens.tolist()):
+        values = ag_engine.formula_values(row, data)
+        valid.append(values is not None)
+        assert usable[i].item() == (values is not None and values.std().item() >= ag.DEGENERATE_STD)
+        one.append(ag_engine.score_one(row, data)["score"])
+    assert ag.score_mismatch(rewards, torch.tensor(one)) < 1e-5
+    valid = torch.tensor(valid)
+    assert (~valid).sum() > 5 and (valid & ~usable).sum() >= 3 and usable.sum() > 50
 
 
 # ======================================================================================
