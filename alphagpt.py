@@ -382,6 +382,8 @@ OPS_CONFIG = [
 ]
 
 
+_OP = {name: i for i, (name, _, _) in enumerate(OPS_CONFIG)}       # operator name -> index
+
 # Given clean inputs (finite, within +-VALUE_CLIP) these return clean values, so the VM skips cleaning them,
 # and these return finite values (at most 1e8 for MUL, 2e10 for JUMP's z over std + 1e-6): clipping is enough.
 CLOSED_OPS = {"NEG", "ABS", "SIGN", "GATE", "DELAY1", "MAX3"}
@@ -607,11 +609,32 @@ class StackVM:
     def compile(self, formulas: list[list[int]]) -> tuple[list[tuple[int, ...]], list[int], list[int]]:
         """Run the stack symbolically over a batch, sharing identical sub-expressions. Node ids 0..K-1 are the
         features; node K + i is nodes[i] = (op index, child ids...). Returns (nodes, their heights, the root
-        node of each formula, -1 where the formula is invalid)."""
+        node of each formula, -1 where the formula is invalid).
+        Identities that give bit-for-bit the same values (up to the sign of a zero) are applied as nodes are made,
+        so that more of them are shared: sign(sign(a)) = sign(a), abs(abs(a)) = abs(neg(a)) = abs(a),
+        neg(neg(a)) = a, gate(c, x, x) = x, and ADD, MUL with their operands in one order."""
         K, end = self.feat_offset, self.vocab.end
         node_ids: dict[tuple[int, ...], int] = {}
         nodes: list[tuple[int, ...]] = []
         heights: list[int] = []
+
+        def node(op: int, *args: int) -> int:
+            first = nodes[args[0] - K] if args[0] >= K else (None,)
+            if op in (_OP["SIGN"], _OP["ABS"]) and first[0] == op:
+                return args[0]
+            if op == _OP["NEG"] and first[0] == op:
+                return first[1]
+            if op == _OP["ABS"] and first[0] == _OP["NEG"]:
+                return node(op, first[1])
+            if op == _OP["GATE"] and args[1] == args[2]:
+                return args[1]
+            key = (op, *(sorted(args) if op in (_OP["ADD"], _OP["MUL"]) else args))
+            if key not in node_ids:
+                node_ids[key] = K + len(nodes)
+                nodes.append(key)
+                heights.append(1 + max(heights[c - K] if c >= K else 0 for c in key[1:]))
+            return node_ids[key]
+
         roots = []
         for formula in formulas:
             stack: list[int] = []
@@ -626,13 +649,9 @@ class StackVM:
                     ok = False
                     break
                 arity = self.ops[tok - K][1]
-                key = (tok - K, *stack[len(stack) - arity:])
+                args = stack[len(stack) - arity:]
                 del stack[len(stack) - arity:]
-                if key not in node_ids:
-                    node_ids[key] = K + len(nodes)
-                    nodes.append(key)
-                    heights.append(1 + max(heights[c - K] if c >= K else 0 for c in key[1:]))
-                stack.append(node_ids[key])
+                stack.append(node(tok - K, *args))
             roots.append(stack[0] if ok and len(stack) == 1 else -1)
         return nodes, heights, roots
 
@@ -1615,8 +1634,7 @@ def _batched(items, n: int):
 def is_degenerate(values: torch.Tensor) -> bool:
     """values.std() < DEGENERATE_STD, skipping the std where the range settles it: with n values spanning a range R,
     the (n - 1)-normalised std is at least R / sqrt(2 (n - 1)) (two values at the ends, the rest at the mean)."""
-    lo, hi = torch.aminmax(values)
-    if (hi - lo).item() > 2 * DEGENERATE_STD * math.sqrt(2 * max(values.numel() - 1, 1)):
+    if (values.amax() - values.amin()).item() > 2 * DEGENERATE_STD * math.sqrt(2 * max(values.numel() - 1, 1)):
         return False
     return values.std().item() < DEGENERATE_STD
 
@@ -2278,8 +2296,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "time when a DB is configured, then exit")
     parser.add_argument("--bench-formulas", type=int, default=512, help="formulas scored batched in --bench")
     parser.add_argument("--bench-one-by-one", type=int, default=128, help="formulas scored one by one in --bench")
-    parser.add_argument("--bench-train-steps", type=int, default=50,
-                        help="training steps whose scoring --bench also times against the public loop (0: skip)")
+    parser.add_argument("--bench-train-steps", type=int, default=AlphaConfig.train_steps,
+                        help="training steps from a fresh policy whose scoring --bench also times against the public "
+                             "loop (default: a default run's %(default)s; 0: skip)")
     parser.add_argument("--resume", action="store_true", help="continue from OUT_DIR/ckpt.pt (flags given now "
                         "override the checkpoint's config; its DSN is stored without the password, so give --db "
                         "again if the database needs one)")

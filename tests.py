@@ -3737,6 +3737,27 @@ def test_ag_stream_memo_yields_each_root_once_and_frees_values(ag_engine):
     assert live[-1] == 0                                              # the last node is a root: nothing after it
 
 
+def test_ag_compile_shares_formulas_equal_by_identity(ag_engine):
+    """compile() maps formulas that are equal by an exact identity (sign(sign a), abs(abs a), abs(neg a), neg(neg
+    a), gate(c, x, x), ADD / MUL with swapped operands) to one node, and their values equal execute()'s."""
+    vm, vocab, feat = ag_engine.vm, ag_engine.vocab, ag_engine.train_data.feat
+    a, b, c = vocab.features[:3]
+    pairs = [([a, "SIGN", "SIGN"], [a, "SIGN"]), ([a, "ABS", "ABS"], [a, "ABS"]), ([a, "NEG", "ABS"], [a, "ABS"]),
+             ([b, "NEG", "NEG"], [b]), ([a, "JUMP", "NEG", "NEG", "NEG", "ABS"], [a, "JUMP", "ABS"]),
+             ([c, a, a, "GATE"], [a]), ([c, a, "DECAY", a, "DECAY", "GATE"], [a, "DECAY"]),
+             ([a, b, "ADD"], [b, a, "ADD"]), ([a, "DELAY1", b, "MUL"], [b, a, "DELAY1", "MUL"])]
+    for left, right in pairs:
+        rows = [vocab.encode(left), vocab.encode(right)]
+        _, _, roots = vm.compile(rows)
+        assert roots[0] == roots[1] >= 0, (left, right)
+        values, index = vm.evaluate_memo(rows, feat)
+        for row, j in zip(rows, index.tolist()):
+            assert torch.equal(values[j], vm.execute(row, feat)), row
+    for left, right in [([a, b, "SUB"], [b, a, "SUB"]), ([a, b, "DIV"], [b, a, "DIV"]), ([a, "SIGN", "ABS"], [a, "ABS"]),
+                        ([a, "NEG"], [a]), ([c, a, b, "GATE"], [c, b, a, "GATE"])]:     # not identities
+        assert len(set(vm.compile([vocab.encode(left), vocab.encode(right)])[2])) == 2, (left, right)
+
+
 def test_ag_backtest_takes_a_list_and_counts_losing_bars_exactly():
     """token_scores / evaluate on a list of (N, T) tensors equal the stacked input; on a long random market
     with hundreds of bars losing more than 5%, the score is the float64 per-bar definition of the docstring,
