@@ -724,6 +724,7 @@ class StackVM:
         return roots, self._walk(nodes, needed, is_root, last_use, feat_tensor)
 
     def _walk(self, nodes, needed, is_root, last_use, feat_tensor):
+        """stream_memo's generator: the needed nodes in creation order, yielding each root once."""
         K = self.feat_offset
         vals: dict[int, torch.Tensor] = {}
         for c in range(K):
