@@ -1589,6 +1589,11 @@ class MemeBacktest:
         score = torch.where(trades < self.min_trades - 0.5, self.inactive_score, cum - self.drawdown_penalty * losing)
         return score, cum
 
+    def never_enters(self, max_factor: float) -> bool:
+        """Whether factors whose maximum is max_factor score inactive_score on every token (hence as fitness):
+        no bar passes the entry threshold, so no token makes min_trades >= 1 trades."""
+        return max_factor <= self.entry_logit and self.min_trades >= 1
+
     def positions(self, factors: torch.Tensor, tradable: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Positions (..., N, T) bool and where they change (pos_t != pos_{t-1}, pos_{-1} = 0)."""
         pos = (factors > self.entry_logit) & tradable
@@ -1632,10 +1637,12 @@ def _batched(items, n: int):
         yield group
 
 
-def is_degenerate(values: torch.Tensor) -> bool:
+def is_degenerate(values: torch.Tensor, lo: float | None = None, hi: float | None = None) -> bool:
     """values.std() < DEGENERATE_STD, skipping the std where the range settles it: with n values spanning a range R,
-    the (n - 1)-normalised std is at least R / sqrt(2 (n - 1)) (two values at the ends, the rest at the mean)."""
-    if (values.amax() - values.amin()).item() > 2 * DEGENERATE_STD * math.sqrt(2 * max(values.numel() - 1, 1)):
+    the (n - 1)-normalised std is at least R / sqrt(2 (n - 1)) (two values at the ends, the rest at the mean).
+    lo, hi: the values' min and max when the caller has them."""
+    lo, hi = (values.amin().item(), values.amax().item()) if lo is None or hi is None else (lo, hi)
+    if hi - lo > 2 * DEGENERATE_STD * math.sqrt(2 * max(values.numel() - 1, 1)):
         return False
     return values.std().item() < DEGENERATE_STD
 
@@ -1789,11 +1796,18 @@ class AlphaEngine:
         if isinstance(values, torch.Tensor):                     # one std call for the group: one launch on a GPU
             values = data.scored(values)
             degenerate = values.flatten(1).std(1) < DEGENERATE_STD
-        else:
-            values = [data.scored(v) for v in values]
-            degenerate = torch.tensor([is_degenerate(v) for v in values], device=self.device)
-        fitness = self.backtest.evaluate(values, data.liquidity, data.target)[0]
-        return torch.where(degenerate, DEGENERATE_REWARD, fitness), ~degenerate
+            fitness = self.backtest.evaluate(values, data.liquidity, data.target)[0]
+            return torch.where(degenerate, DEGENERATE_REWARD, fitness), ~degenerate
+        values = [data.scored(v) for v in values]
+        ranges = [(v.amin().item(), v.amax().item()) for v in values]
+        degenerate = [is_degenerate(v, lo, hi) for v, (lo, hi) in zip(values, ranges)]
+        # values that never rise above the entry threshold open no position: the backtest's inactive score,
+        # without running it (a quarter of the formulas, random or from the policy)
+        run = [i for i, (d, (_, hi)) in enumerate(zip(degenerate, ranges)) if not (d or self.backtest.never_enters(hi))]
+        reward = torch.tensor([DEGENERATE_REWARD if d else self.backtest.inactive_score for d in degenerate])
+        if run:
+            reward[run] = self.backtest.evaluate([values[i] for i in run], data.liquidity, data.target)[0]
+        return reward.to(self.device), ~torch.tensor(degenerate, device=self.device)
 
     def formula_values(self, tokens: list[int], data: MarketData) -> torch.Tensor | None:
         """One formula's values (N, T) on data's scored bars (computed over its history too), None if invalid."""

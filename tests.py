@@ -3758,6 +3758,31 @@ def test_ag_compile_shares_formulas_equal_by_identity(ag_engine):
         assert len(set(vm.compile([vocab.encode(left), vocab.encode(right)])[2])) == 2, (left, right)
 
 
+def test_ag_formulas_that_never_pass_the_entry_threshold_skip_the_backtest(ag_engine, monkeypatch):
+    """A formula whose values never exceed logit(0.85) opens no position: score_batch gives it the inactive
+    score without backtesting it, the same reward score_one computes; formulas that enter are backtested."""
+    vocab, data = ag_engine.vocab, ag_engine.train_data
+    silent = [["PRESSURE"], ["PRESSURE", "SIGN"], ["RET", "SIGN", "NEG"], ["PRESSURE", "MAX3"]]    # max < 1.73
+    entering = [["PRESSURE", "PRESSURE", "ADD", "PRESSURE", "ADD"], ["RET", "DECAY", "DECAY"], ["VOL", "ABS"],
+                ["PRESSURE", "PRESSURE", "SIGN", "ADD"]]                           # max just above: < 2
+    rows = [vocab.encode(f) for f in silent + entering]
+    width = ag_engine.cfg.max_formula_len
+    tokens = torch.tensor([row + [vocab.end] * (width - len(row)) for row in rows])
+    maxima = [ag_engine.formula_values(row, data).max().item() for row in rows]
+    assert all(m <= ag_engine.backtest.entry_logit for m in maxima[:len(silent)])
+    assert all(m > ag_engine.backtest.entry_logit for m in maxima[len(silent):]) and maxima[-1] < 2
+    backtested = []
+    evaluate = ag_engine.backtest.evaluate
+    monkeypatch.setattr(ag_engine.backtest, "evaluate", lambda f, *a: backtested.extend(f) or evaluate(f, *a))
+    rewards, usable = ag_engine.score_batch(tokens, data)
+    assert len(backtested) == len(entering) and usable.all()
+    assert rewards[:len(silent)].tolist() == [ag_engine.backtest.inactive_score] * len(silent)
+    monkeypatch.undo()
+    one = torch.tensor([ag_engine.score_one(row, data)["score"] for row in rows])
+    assert ag.score_mismatch(rewards, one) < 1e-6
+    assert ag.MemeBacktest(1000.0, 5000.0, 0.005, min_trades=0).never_enters(0.0) is False    # 0 trades count
+
+
 def test_ag_backtest_takes_a_list_and_counts_losing_bars_exactly():
     """token_scores / evaluate on a list of (N, T) tensors equal the stacked input; on a long random market
     with hundreds of bars losing more than 5%, the score is the float64 per-bar definition of the docstring,
