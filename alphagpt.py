@@ -2161,6 +2161,7 @@ def bench_training(cfg: AlphaConfig, frame: MarketFrame, steps: int, n_one_by_on
     scoring (score_formulas: node sharing within a batch and the score cache across steps count), against the
     public loop on n_one_by_one formulas drawn evenly from the same batches, their scores checked equal to the
     rewards training got."""
+    seed_everything(cfg.seed)                                   # the trajectory of a run with this seed
     engine = AlphaEngine(cfg, frame)
     data, inner, batches = engine.train_data, engine.score_formulas, []
 
