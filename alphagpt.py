@@ -1219,9 +1219,9 @@ def constant_features(data: MarketData) -> list[str]:
     return [name for name, lo, hi in zip(data.feature_names, flat.amin(1).tolist(), flat.amax(1).tolist()) if lo == hi]
 
 
-def refuse_unlearnable(frame: MarketFrame, data: MarketData, train: MarketData, cfg: AlphaConfig) -> None:
+def refuse_unlearnable(frame: MarketFrame, data: MarketData, split: int, cfg: AlphaConfig) -> None:
     """One AlphaError, before any training, for data on which formulas cannot be told apart: no tradable bar in
-    the training part, or features constant over the whole market because a column they read is (close, volume,
+    the training part (the bars before split), or features constant over the whole market because a column they read is (close, volume,
     and with --liquidity column also liquidity and fdv: e.g. the public version's liquidity and fdv written as 0),
     or every feature constant. A feature constant for other reasons (LIQ without liquidity data under another
     --liquidity model, LIQ clamped at 1 on a small market) is not an error: AlphaEngine leaves it out."""
@@ -1234,9 +1234,10 @@ def refuse_unlearnable(frame: MarketFrame, data: MarketData, train: MarketData, 
                         f"({', '.join(features)}): fill them in the data")
     if len(features) == len(data.feature_names):
         problems.append(f"every feature is constant over the whole market ({', '.join(features)})")
-    if not (train.liquidity > cfg.min_liquidity).any():
+    train_liquidity = data.liquidity[:, :split]                  # the bars before the split
+    if not (train_liquidity > cfg.min_liquidity).any():
         problems.append(f"no bar of the training part is tradable: liquidity <= --min-liquidity "
-                        f"{cfg.min_liquidity:g} everywhere (max {train.liquidity.max().item():g})")
+                        f"{cfg.min_liquidity:g} everywhere (max {train_liquidity.max().item():g})")
     hint = (" (for a market without liquidity data choose --liquidity unlimited, dollar_volume or a USD number)"
             if cfg.liquidity == "column" else "")
     if problems:
@@ -1698,7 +1699,7 @@ class AlphaEngine:
         split = int(np.searchsorted(frame.times, split_time))
         if split < 20 or T - split < 20:
             raise AlphaError(f"cannot split {T} bars with --test-frac {cfg.test_frac}: each part needs >= 20 bars")
-        refuse_unlearnable(frame, data, data.split(0, split), cfg)
+        refuse_unlearnable(frame, data, split, cfg)
         # a feature constant over the whole market carries nothing, and a formula dividing by it (LIQ is 0 without
         # liquidity and fdv data) would live on the value clip: it is left out of the formulas
         self.constant_features = constant_features(data)
