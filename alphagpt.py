@@ -1221,8 +1221,9 @@ def constant_features(data: MarketData) -> list[str]:
 
 def refuse_unlearnable(frame: MarketFrame, data: MarketData, split: int, cfg: AlphaConfig) -> None:
     """One AlphaError, before any training, for data on which formulas cannot be told apart: no tradable bar in
-    the training part (the bars before split), or features constant over the whole market because a column they read is (close, volume,
-    and with --liquidity column also liquidity and fdv: e.g. the public version's liquidity and fdv written as 0),
+    the training part (the bars before split), or features constant over the whole market because a column they
+    read is (close, volume, and with --liquidity column also liquidity and fdv: e.g. the public version's
+    liquidity and fdv written as 0),
     or every feature constant. A feature constant for other reasons (LIQ without liquidity data under another
     --liquidity model, LIQ clamped at 1 on a small market) is not an error: AlphaEngine leaves it out."""
     features = constant_features(data)
